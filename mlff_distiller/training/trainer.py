@@ -1,0 +1,657 @@
+"""The training loop: a plain-PyTorch `Trainer` whose `fit()` can be read top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from .callbacks import Callback
+from .checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint_file,
+    load_model_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainingConfig
+from .ema import ExponentialMovingAverage
+from .loggers import ConsoleLogger, Logger
+from .optim import Scheduler, Warmup, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | dict[str, torch.Tensor]"]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
+
+LAST = "last.pt"
+BEST = "best_model.pt"
+
+# Config fields that may change between an interrupted run and its continuation; any other
+# difference changes the optimisation itself and is refused unless explicitly allowed.
+RESUMABLE_CHANGES = frozenset({
+    "max_epochs", "checkpoint_dir", "overwrite_checkpoints", "log_interval", "val_interval",
+    "early_stopping_patience", "early_stopping_min_delta", "max_nonfinite_steps", "device", "extra",
+})
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Trains ``model`` on ``train_loader``, validating on ``val_loader``.
+
+    Args:
+        model: any ``nn.Module``; it may use autograd inside ``forward`` (forces as -dE/dx),
+            also during validation.
+        train_loader: an iterable of batches (usually a ``DataLoader``).
+        val_loader: batches for validation; None disables validation.
+        config: a :class:`TrainingConfig` (or a mapping of its fields); defaults when None.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; None uses ``config.device``.
+        loss_fn: ``f(model, batch) -> Tensor | dict``; a dict's ``"loss"`` is optimised and its other
+            terms are logged. None: ``compute_loss`` (override it in a subclass) or, by default,
+            MSE of ``model(inputs)`` against ``targets`` for ``(inputs, targets)`` batches.
+        optimizer: an optimizer, or a factory ``params -> optimizer`` (e.g. a Hydra partial);
+            None builds ``config.optimizer``.
+        lr_scheduler: a scheduler, or a factory ``optimizer -> scheduler``; None builds
+            ``config.lr_scheduler``. ``ReduceLROnPlateau`` steps on the monitored metric, others
+            every ``config.scheduler_interval``.
+        callbacks: callbacks, as a list or a name-keyed dict.
+        loggers: metric loggers; None gives a :class:`ConsoleLogger`.
+        batch_size_fn: number of samples in a batch (for averaging and throughput); by default the
+            leading dimension of the first tensor found in the batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
+        config: TrainingConfig | Mapping[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        loss_fn: LossFn | None = None,
+        optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
+        lr_scheduler: Scheduler | SchedulerFactory | None = None,
+        callbacks: Sequence[Callback] | Mapping[str, Callback] | None = None,
+        loggers: Sequence[Logger] | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+    ) -> None:
+        if config is None:
+            config = TrainingConfig()
+        elif isinstance(config, Mapping):
+            config = TrainingConfig.from_dict(dict(config))
+        elif not isinstance(config, TrainingConfig):
+            raise ConfigError(f"config must be a TrainingConfig or a mapping of its fields, not {type(config).__name__}.")
+        self.config = config
+        self.device = resolve_device(device if device is not None else config.device)
+        self._check_precision()
+
+        self.model = model.to(self.device)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.loss_fn = loss_fn
+        self.batch_size_fn = batch_size_fn or infer_batch_size
+        self.monitor = config.monitor
+        if val_loader is None and self.monitor.startswith("val/"):
+            if self.monitor != "val/loss":
+                raise ConfigError(f"monitor={self.monitor!r} needs a val_loader; without one only 'train/...' "
+                                  "metrics exist (e.g. monitor='train/loss').")
+            self.monitor = "train/loss"
+        self._warn_on_batch_size_mismatch()
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("The model has no trainable parameters (no parameter has requires_grad=True).")
+        if optimizer is None:
+            self.optimizer = build_optimizer(config, params)
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            self.optimizer = optimizer
+        else:
+            self.optimizer = optimizer(params)
+        self.steps_per_epoch = _steps_per_epoch(train_loader, config.gradient_accumulation_steps)
+        if lr_scheduler is None:
+            if config.lr_scheduler != "none" and config.scheduler_interval == "step" and self.steps_per_epoch is None:
+                raise ConfigError("scheduler_interval='step' needs a train_loader with a length.")
+            self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch or 1)
+        elif isinstance(lr_scheduler, (torch.optim.lr_scheduler.LRScheduler, ReduceLROnPlateau)):
+            self.scheduler = lr_scheduler
+        else:
+            self.scheduler = lr_scheduler(self.optimizer)
+        self.warmup = Warmup(config.warmup_steps) if config.warmup_steps > 0 else None
+        self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+        self.ema = (ExponentialMovingAverage(self.model, config.ema_decay, config.ema_warmup)
+                    if config.ema_decay is not None else None)
+
+        self.loggers: list[Logger] = list(loggers) if loggers is not None else [ConsoleLogger()]
+        self.callbacks: dict[str, Callback] = _name_callbacks(callbacks)
+        for logger in self.loggers:
+            self.callbacks.setdefault(f"logger/{type(logger).__name__}", logger)
+        if isinstance(loss_fn, Callback):
+            self.callbacks.setdefault("loss_fn", loss_fn)
+
+        self.checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+        self.epoch = 0
+        self.global_step = 0
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.early_stopping = {"best": None, "wait": 0}
+        self.nonfinite = {"in_a_row": 0, "total": 0}
+        self.history: dict[str, list[float]] = {}
+        self.should_stop = False
+        self.resumed_from: str | None = None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, list[float]]:
+        """Train until ``max_epochs`` or early stopping; returns the per-epoch history.
+
+        ``history[name][i]`` is metric ``name`` after epoch ``history["epoch"][i]``; metrics not
+        computed in an epoch (validation between ``val_interval``s) are NaN there.
+        """
+        self._check_checkpoint_dir()
+        if self.resumed_from is None and self.global_step == 0 and self.config.seed is not None:
+            seed_everything(self.config.seed, self.train_loader)
+        for logger in self.loggers:
+            logger.log_config(self.config.to_dict())
+        self.should_stop = False
+        self._call("on_fit_start")
+        try:
+            while self.epoch < self.config.max_epochs and not self.should_stop:
+                self._run_epoch()
+        finally:
+            self._call("on_fit_end")
+            for logger in self.loggers:
+                logger.close()
+        return self.history
+
+    def _run_epoch(self) -> None:
+        start = time.perf_counter()
+        lr = self.current_lr()
+        train_metrics, samples = self.train_epoch()
+        train_time = time.perf_counter() - start
+        metrics: dict[str, float] = {"epoch": float(self.epoch + 1), **train_metrics, "lr": lr}
+        last_epoch = self.epoch + 1 == self.config.max_epochs or self.should_stop
+        if self.val_loader is not None and ((self.epoch + 1) % self.config.val_interval == 0 or last_epoch):
+            val_metrics = self.validate(self.val_loader, prefix="val")
+            metrics.update(val_metrics)
+            self._call("on_validation_end", val_metrics)
+        self.epoch += 1
+        metrics["epoch_time_s"] = time.perf_counter() - start
+        metrics["train/samples_per_s"] = samples / train_time if train_time > 0 else float("nan")
+
+        improved = self._track_monitor(metrics)
+        self._step_scheduler_after_epoch(metrics.get(self.monitor))
+        self._call("on_train_epoch_end", metrics)
+        self._record(metrics)
+        log.info("epoch %d/%d: %s", self.epoch, self.config.max_epochs,
+                 ", ".join(f"{k} {v:.5g}" for k, v in metrics.items() if k != "epoch"))
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir / LAST)
+            if improved:
+                self.save_checkpoint(self.checkpoint_dir / BEST)
+
+    def train_epoch(self) -> tuple[dict[str, float], int]:
+        """One pass over ``train_loader``; returns the sample-weighted mean loss terms and the sample count."""
+        self.model.train()
+        self._call("on_train_epoch_start")
+        accumulate = self.config.gradient_accumulation_steps
+        num_batches = _safe_len(self.train_loader)
+        sums: dict[str, torch.Tensor] = {}
+        samples = 0
+        window_loss = torch.zeros((), device=self.device)
+        micro = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for batch_index, batch in enumerate(self.train_loader):
+            batch = move_to_device(batch, self.device)
+            n = self.batch_size_fn(batch)
+            with self._autocast():
+                terms = self._loss_terms(batch)
+            loss = terms["loss"]
+            scaled = loss / accumulate
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            detached = {k: v.detach().float() for k, v in terms.items()}
+            _accumulate(sums, detached, n)
+            samples += n
+            window_loss += detached["loss"]
+            micro += 1
+            self._call("on_train_batch_end", batch_index, detached)
+            if micro == accumulate or batch_index + 1 == num_batches:
+                self._optimizer_step(window_loss / micro)
+                window_loss = torch.zeros((), device=self.device)
+                micro = 0
+                if self.should_stop:
+                    break
+        if micro:  # a loader without a length ended inside an accumulation window
+            self._optimizer_step(window_loss / micro)
+        if samples == 0:
+            raise RuntimeError("train_loader yielded no batches.")
+        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, samples
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.config.grad_clip_value)
+        grad_norm = None
+        if self.config.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        finite = torch.isfinite(loss)
+        if grad_norm is not None and self.scaler is None:
+            finite &= torch.isfinite(grad_norm)
+        if bool(finite):
+            self.nonfinite["in_a_row"] = 0
+            self._apply_optimizer_step()
+        else:
+            self._skip_nonfinite_step(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.scheduler is not None and self.config.scheduler_interval == "step" and not self._is_plateau:
+            self.scheduler.step()
+        if self.global_step % self.config.log_interval == 0:
+            step_metrics = {"train/loss_step": loss.item(), "lr_step": self.current_lr()}
+            if grad_norm is not None:
+                step_metrics["train/grad_norm_step"] = grad_norm.item()
+            self._log(step_metrics)
+        self._call("on_optimizer_step")
+
+    def _apply_optimizer_step(self) -> None:
+        factor = self.warmup.factor(self.global_step) if self.warmup is not None else 1.0
+        if factor != 1.0:
+            scheduled = [group["lr"] for group in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if factor != 1.0:
+            for group, lr in zip(self.optimizer.param_groups, scheduled):
+                group["lr"] = lr
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _skip_nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        self.nonfinite["in_a_row"] += 1
+        self.nonfinite["total"] += 1
+        if self.scaler is not None:
+            self.scaler.update()
+        what = f"loss={loss.item()}" + (f", grad_norm={grad_norm.item()}" if grad_norm is not None else "")
+        log.warning("Skipped optimizer step %d of epoch %d: non-finite %s (%d in a row, %d in total).",
+                    self.global_step, self.epoch + 1, what, self.nonfinite["in_a_row"], self.nonfinite["total"])
+        self._log({"train/nonfinite_steps": float(self.nonfinite["total"])})
+        if self.nonfinite["in_a_row"] >= self.config.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite['in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last at step {self.global_step}, epoch {self.epoch + 1}; max_nonfinite_steps="
+                f"{self.config.max_nonfinite_steps}). Lower the learning rate, enable grad_clip, or check the data."
+            )
+
+    def validate(self, loader: Iterable[Any], prefix: str = "val") -> dict[str, float]:
+        """Sample-weighted mean loss terms over ``loader``, named ``{prefix}/{term}``.
+
+        Uses the EMA weights when EMA is on. Autograd stays enabled (models may differentiate
+        inside ``forward``), but parameters are frozen so no graph is built for them.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        samples = 0
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        ema = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            with ema:
+                for batch in loader:
+                    batch = move_to_device(batch, self.device)
+                    n = self.batch_size_fn(batch)
+                    with self._autocast():
+                        terms = self._loss_terms(batch)
+                    _accumulate(sums, {k: v.detach().float() for k, v in terms.items()}, n)
+                    samples += n
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.model.train(was_training)
+        if samples == 0:
+            raise RuntimeError(f"The {prefix} loader yielded no batches.")
+        return {f"{prefix}/{k}": (v / samples).item() for k, v in sums.items()}
+
+    evaluate = validate
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Loss for one batch; override in a subclass, or pass ``loss_fn`` to the constructor."""
+        if self.loss_fn is not None:
+            return self.loss_fn(self.model, batch)
+        return mse_loss(self.model, batch)
+
+    def _loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+        out = self.compute_loss(batch)
+        if isinstance(out, torch.Tensor):
+            return {"loss": out}
+        if isinstance(out, Mapping) and "loss" in out:
+            return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=self.device)
+                    for k, v in out.items()}
+        raise TypeError(f"The loss must be a Tensor or a dict with a 'loss' entry; got {type(out).__name__}"
+                        + (f" with keys {sorted(out)}" if isinstance(out, Mapping) else "") + ".")
+
+    # ------------------------------------------------------------------ monitor, schedulers
+    @property
+    def _is_plateau(self) -> bool:
+        return isinstance(self.scheduler, ReduceLROnPlateau)
+
+    def current_lr(self) -> float:
+        """Learning rate of the first parameter group, warmup included."""
+        factor = self.warmup.factor(self.global_step) if self.warmup is not None else 1.0
+        return float(self.optimizer.param_groups[0]["lr"]) * factor
+
+    def _better(self, value: float, reference: float | None, min_delta: float = 0.0) -> bool:
+        if reference is None:
+            return math.isfinite(value)
+        if self.config.mode == "min":
+            return value < reference - min_delta
+        return value > reference + min_delta
+
+    def _track_monitor(self, metrics: dict[str, float]) -> bool:
+        """Update best-model and early-stopping state; True when the monitored metric improved."""
+        if self.monitor not in metrics:
+            validated = any(k.startswith("val/") for k in metrics)
+            if self.monitor.startswith("val/") and not validated:
+                return False
+            raise ConfigError(f"monitor={self.monitor!r} is not a logged metric; available metrics are "
+                              f"{sorted(k for k in metrics if '/' in k)}.")
+        value = metrics[self.monitor]
+        improved = self._better(value, self.best_metric)
+        if improved:
+            self.best_metric, self.best_epoch = value, self.epoch
+        patience = self.config.early_stopping_patience
+        if self._better(value, self.early_stopping["best"], self.config.early_stopping_min_delta):
+            self.early_stopping = {"best": value, "wait": 0}
+        else:
+            self.early_stopping["wait"] += 1
+            if patience is not None and self.early_stopping["wait"] >= patience:
+                log.info("Early stopping after epoch %d: %s has not improved by more than %g for %d validations "
+                         "(best %.6g at epoch %s).", self.epoch, self.monitor, self.config.early_stopping_min_delta,
+                         self.early_stopping["wait"], self.best_metric, self.best_epoch)
+                self.should_stop = True
+        return improved
+
+    def _step_scheduler_after_epoch(self, monitored: float | None) -> None:
+        if self.scheduler is None:
+            return
+        if self._is_plateau:
+            if monitored is not None:
+                self.scheduler.step(monitored)
+        elif self.config.scheduler_interval == "epoch":
+            self.scheduler.step()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state as plain data (loadable with ``torch.load(weights_only=True)``)."""
+        loader_generator = getattr(self.train_loader, "generator", None)
+        state = {
+            "format_version": FORMAT_VERSION,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": type(self.optimizer).__name__,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scheduler_class": type(self.scheduler).__name__ if self.scheduler is not None else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "monitor": self.monitor,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "early_stopping": dict(self.early_stopping),
+            "nonfinite": dict(self.nonfinite),
+            "history": {k: list(v) for k, v in self.history.items()},
+            "rng": capture_rng_state(),
+            "loader_generator": loader_generator.get_state() if isinstance(loader_generator, torch.Generator) else None,
+            "config": self.config.to_dict(),
+            "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "<state>", strict_config: bool = True) -> None:
+        """Restore everything :meth:`state_dict` saved, so that ``fit()`` continues the run."""
+        self._check_resume_config(state["config"], source, strict_config)
+        load_model_state(self.model, state["model"], source)
+        if state["optimizer_class"] != type(self.optimizer).__name__:
+            raise CheckpointError(f"Checkpoint {source!r} holds a {state['optimizer_class']} state but the "
+                                  f"Trainer uses {type(self.optimizer).__name__}.")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["scheduler_class"] or None) != (type(self.scheduler).__name__ if self.scheduler else None):
+            raise CheckpointError(f"Checkpoint {source!r} holds scheduler {state['scheduler_class']} but the "
+                                  f"Trainer uses {type(self.scheduler).__name__ if self.scheduler else None}.")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+            self._extend_cosine_horizon()
+        if self.scaler is not None and state["grad_scaler"]:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        if self.ema is not None:
+            if not state["ema"]:
+                raise CheckpointError(f"Checkpoint {source!r} has no EMA state but ema_decay is set.")
+            self.ema.load_state_dict(state["ema"])
+        self.epoch = state["epoch"]
+        self.global_step = state["global_step"]
+        self.monitor = state["monitor"]
+        self.best_metric = state["best_metric"]
+        self.best_epoch = state["best_epoch"]
+        self.early_stopping = dict(state["early_stopping"])
+        self.nonfinite = dict(state["nonfinite"])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        restore_rng_state(state["rng"])
+        loader_generator = getattr(self.train_loader, "generator", None)
+        if state["loader_generator"] is not None and isinstance(loader_generator, torch.Generator):
+            loader_generator.set_state(state["loader_generator"])
+        for name, cb_state in state["callbacks"].items():
+            if name in self.callbacks:
+                self.callbacks[name].load_state_dict(cb_state)
+        self.resumed_from = source
+        self._call("on_load_checkpoint", state)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write the training state to ``path`` atomically."""
+        state = self.state_dict()
+        self._call("on_save_checkpoint", state)
+        return save_checkpoint(state, path)
+
+    def load_checkpoint(self, path: str | Path, strict_config: bool = True) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save_checkpoint`; ``fit()`` then continues from it.
+
+        With ``strict_config`` a checkpoint whose config differs in a field that changes the
+        optimisation (anything but max_epochs, intervals, paths, patience) is refused.
+        """
+        state = load_checkpoint_file(path, map_location=self.device)
+        self.load_state_dict(state, source=str(path), strict_config=strict_config)
+        log.info("Resumed from %s at epoch %d, step %d.", path, self.epoch, self.global_step)
+        return state
+
+    def _check_resume_config(self, saved: dict[str, Any], source: str, strict: bool) -> None:
+        current = self.config.to_dict()
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+                 for k in sorted(set(saved) | set(current))
+                 if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+        if diffs and strict:
+            raise CheckpointError(f"Checkpoint {source!r} was written with a different training config ("
+                                  + "; ".join(diffs) + "). Resume with the same config, or pass strict_config=False.")
+        if diffs:
+            log.warning("Resuming %s with a changed config: %s", source, "; ".join(diffs))
+
+    def _extend_cosine_horizon(self) -> None:
+        # Raising max_epochs on resume: the cosine schedule continues smoothly to the new end.
+        if self.config.lr_scheduler == "cosine" and isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            total = self.config.max_epochs * (self.steps_per_epoch if self.config.scheduler_interval == "step" else 1)
+            self.scheduler.T_max = max(self.scheduler.T_max, total or 1)
+
+    def _check_checkpoint_dir(self) -> None:
+        if self.checkpoint_dir is None or self.resumed_from is not None or self.config.overwrite_checkpoints:
+            return
+        existing = [p.name for p in (self.checkpoint_dir / LAST, self.checkpoint_dir / BEST) if p.exists()]
+        if existing:
+            raise ConfigError(
+                f"checkpoint_dir={str(self.checkpoint_dir)!r} already holds {existing} from another run. "
+                "Resume it with trainer.load_checkpoint(path) before fit(), choose another checkpoint_dir, "
+                "or set overwrite_checkpoints=True."
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def _record(self, metrics: dict[str, float]) -> None:
+        epochs = len(self.history.get("epoch", []))
+        for name in metrics:
+            self.history.setdefault(name, [math.nan] * epochs)
+        for name, values in self.history.items():
+            values.append(float(metrics.get(name, math.nan)))
+        self._log(metrics)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(metrics, self.global_step)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks.values():
+            getattr(callback, hook)(self, *args)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.mixed_precision == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _check_precision(self) -> None:
+        mp = self.config.mixed_precision
+        if mp == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"mixed_precision='fp16' is invalid on device {str(self.device)!r}: fp16 needs "
+                              "CUDA; accepted here: 'off' or 'bf16'.")
+        if mp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"mixed_precision='bf16' is not supported by {torch.cuda.get_device_name(self.device)}; "
+                              "accepted: 'off' or 'fp16'.")
+
+    def _warn_on_batch_size_mismatch(self) -> None:
+        loader_batch = getattr(self.train_loader, "batch_size", None)
+        if isinstance(loader_batch, int) and loader_batch != self.config.batch_size:
+            log.warning("train_loader.batch_size=%d differs from config.batch_size=%d; the loader's value is used.",
+                        loader_batch, self.config.batch_size)
+
+
+# ---------------------------------------------------------------------- free functions
+def mse_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Default loss: mean squared error of ``model(inputs)`` against ``targets``."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError("The default loss expects batches of (inputs, targets); got "
+                        f"{type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}. "
+                        "Pass loss_fn=f(model, batch) or override Trainer.compute_loss.")
+    inputs, targets = batch
+    return F.mse_loss(model(inputs), targets)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; a CUDA request without CUDA is a ConfigError."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device={device!r} is invalid: accepted are 'auto', 'cpu', 'cuda', 'cuda:N'.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} is invalid here: CUDA is not available; accepted: 'cpu' or 'auto'.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is not supported; accepted are 'auto', 'cpu', 'cuda', 'cuda:N'.")
+    return resolved
+
+
+def seed_everything(seed: int, loader: Any = None) -> None:
+    """Seed python, numpy and torch RNGs (and the loader's own generator, if it has one)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor (and every object with ``.to``) inside nested dicts, lists and tuples."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if hasattr(batch, "to"):  # a batch class of its own (e.g. atomistic batches)
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def infer_batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor in ``batch`` (1 when there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return len(batch) if hasattr(batch, "__len__") else 1
+    for value in values:
+        if isinstance(value, (torch.Tensor, Mapping, list, tuple)):
+            return infer_batch_size(value)
+    return 1
+
+
+def _accumulate(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], n: int) -> None:
+    for name, value in terms.items():
+        weighted = value * n
+        sums[name] = sums[name] + weighted if name in sums else weighted
+
+
+def _name_callbacks(callbacks: Sequence[Callback] | Mapping[str, Callback] | None) -> dict[str, Callback]:
+    if callbacks is None:
+        return {}
+    if isinstance(callbacks, Mapping):
+        return dict(callbacks)
+    named: dict[str, Callback] = {}
+    for callback in callbacks:
+        name = type(callback).__name__
+        index = 1
+        while name in named:
+            index += 1
+            name = f"{type(callback).__name__}_{index}"
+        named[name] = callback
+    return named
+
+
+def _safe_len(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _steps_per_epoch(loader: Any, accumulate: int) -> int | None:
+    batches = _safe_len(loader)
+    return None if batches is None else math.ceil(batches / accumulate)
