@@ -40,16 +40,16 @@ class TrainingConfig:
     """Structures per batch; used by data builders (the Trainer warns when its loader disagrees)."""
     learning_rate: float = 1e-3
     """Peak learning rate (after warmup)."""
-    optimizer: str = "adam"
-    """One of ``adam``, ``adamw``, ``sgd``; ignored when an optimizer factory is passed to the Trainer."""
+    optimizer: Optional[str] = "adam"
+    """One of ``adam``, ``adamw``, ``sgd``; None when the optimizer is passed to the Trainer (as the CLI does)."""
     weight_decay: float = 0.0
     """L2 penalty (adam, sgd) or decoupled weight decay (adamw)."""
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = False
     """Nesterov momentum for SGD."""
-    lr_scheduler: str = "none"
-    """One of ``cosine``, ``step``, ``plateau``, ``none``."""
+    lr_scheduler: Optional[str] = "none"
+    """One of ``cosine``, ``step``, ``plateau``, ``none``; None when the scheduler is passed to the Trainer."""
     scheduler_interval: str = "epoch"
     """When cosine/step schedulers advance: once per ``epoch`` or per optimizer ``step``."""
     step_size: int = 30
@@ -149,8 +149,11 @@ class TrainingConfig:
         }
         for name, accepted in choices.items():
             value = getattr(self, name)
+            if value is None and name in ("optimizer", "lr_scheduler"):
+                continue
             if value not in accepted:
-                _fail(name, value, "one of " + ", ".join(repr(a) for a in accepted))
+                _fail(name, value, "one of " + ", ".join(repr(a) for a in accepted)
+                  + (" or None (given to the Trainer)" if name in ("optimizer", "lr_scheduler") else ""))
         if self.nesterov and self.optimizer == "sgd" and self.momentum <= 0:
             _fail("nesterov", self.nesterov, "False when momentum is 0")
         if not isinstance(self.monitor, str) or "/" not in self.monitor and self.monitor != "lr":

@@ -8,13 +8,16 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, ReduceLROnPlateau, StepLR
 
-from .config import TrainingConfig
+from .config import ConfigError, TrainingConfig
 
 Scheduler = LRScheduler | ReduceLROnPlateau
 
 
 def build_optimizer(config: TrainingConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
     """The optimizer named by ``config.optimizer`` over ``params``."""
+    if config.optimizer is None:
+        raise ConfigError("TrainingConfig.optimizer=None means the optimizer is given to the Trainer, but none "
+                          "was; pass optimizer=... or set optimizer to one of 'adam', 'adamw', 'sgd'.")
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -36,7 +39,7 @@ def build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer,
     improvement of ``config.monitor`` (never below ``min_lr``).
     """
     name = config.lr_scheduler
-    if name == "none":
+    if name is None or name == "none":
         return None
     if name == "cosine":
         total = config.max_epochs * (steps_per_epoch if config.scheduler_interval == "step" else 1)

@@ -442,7 +442,7 @@ class Trainer:
                                   f"Trainer uses {type(self.scheduler).__name__ if self.scheduler else None}.")
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-            self._extend_cosine_horizon()
+            self._extend_cosine_horizon(state["config"])
         if self.scaler is not None and state["grad_scaler"]:
             self.scaler.load_state_dict(state["grad_scaler"])
         if self.ema is not None:
@@ -495,11 +495,14 @@ class Trainer:
         if diffs:
             log.warning("Resuming %s with a changed config: %s", source, "; ".join(diffs))
 
-    def _extend_cosine_horizon(self) -> None:
-        # Raising max_epochs on resume: the cosine schedule continues smoothly to the new end.
-        if self.config.lr_scheduler == "cosine" and isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-            total = self.config.max_epochs * (self.steps_per_epoch if self.config.scheduler_interval == "step" else 1)
-            self.scheduler.T_max = max(self.scheduler.T_max, total or 1)
+    def _extend_cosine_horizon(self, saved_config: dict[str, Any]) -> None:
+        # A cosine schedule sized to the original run is stretched to a raised max_epochs, so the
+        # learning rate keeps decaying to its minimum instead of rising again after T_max.
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            return
+        per_interval = self.steps_per_epoch if self.config.scheduler_interval == "step" else 1
+        if per_interval and self.scheduler.T_max == saved_config["max_epochs"] * per_interval:
+            self.scheduler.T_max = max(self.scheduler.T_max, self.config.max_epochs * per_interval)
 
     def _check_checkpoint_dir(self) -> None:
         if self.checkpoint_dir is None or self.resumed_from is not None or self.config.overwrite_checkpoints:

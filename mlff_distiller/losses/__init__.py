@@ -1,0 +1,1 @@
+"""Losses and metrics: callables ``loss(model, batch) -> {"loss": ..., other terms}``."""

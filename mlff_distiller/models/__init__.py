@@ -1,0 +1,1 @@
+"""Student models. They know nothing of the trainer: ``forward(batch) -> {"energy", "forces"}``."""

@@ -1,0 +1,176 @@
+"""``mlff-train``: the Hydra command line. It composes the config, instantiates the parts and hands
+them to the Trainer; it holds no training logic.
+
+Heavy imports (torch, tensorboard) happen inside the task function so that ``--help`` and
+``--cfg job`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mlff_distiller.training.config import ConfigError, TrainingConfig
+
+log = logging.getLogger("mlff_distiller.train")
+
+ConfigStore.instance().store(group="trainer", name="schema", node=TrainingConfig)
+
+# Keys that may differ between a run and its resumption (paths are per run; max_epochs may be raised).
+RESUME_MAY_CHANGE = ("ckpt_path", "paths", "trainer.max_epochs")
+# TrainingConfig fields that only the Python API uses; on the command line the groups decide.
+GROUP_OWNED = {"trainer.optimizer": "optimizer", "trainer.lr_scheduler": "scheduler"}
+
+
+class CLIError(Exception):
+    """A problem with the command line or the files it names; reported in one paragraph, exit code 2."""
+
+
+@hydra.main(version_base="1.3", config_path="pkg://mlff_distiller.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train with the composed config; returns the best monitored value (for sweepers such as Optuna)."""
+    try:
+        return train(cfg)
+    except (CLIError, ConfigError) as error:
+        _fail(error)
+    except Exception as error:
+        from mlff_distiller.training.checkpoint import CheckpointError
+
+        if isinstance(error, CheckpointError) or _is_instantiation_error(error):
+            _fail(error)
+        raise
+    return None  # unreachable
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Compose-then-run body of ``mlff-train``, callable from Python with a composed config."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    _reject_group_owned_overrides(overrides)
+    training_config: TrainingConfig = OmegaConf.to_object(cfg.trainer)  # validates every field
+    resume_path, resume_state = _resolve_resume(cfg)
+
+    from hydra.utils import instantiate
+
+    from mlff_distiller.training import ConsoleLogger, Trainer
+    from mlff_distiller.training.trainer import seed_everything
+
+    output_dir = Path(cfg.paths.output_dir)
+    run_config = OmegaConf.to_container(cfg, resolve=False)
+    training_config.extra = {"run_config": run_config, "overrides": overrides}
+
+    if cfg.seed is not None:
+        seed_everything(cfg.seed)  # model initialisation and data generation are reproducible too
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    loss = instantiate(cfg.loss)
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
+    loggers = [ConsoleLogger(print_epochs=False)]
+    loggers += [instantiate(node) for node in (cfg.get("logger") or {}).values()]
+
+    trainer = Trainer(model=model, train_loader=data.train_loader(), val_loader=data.val_loader(),
+                      config=training_config, loss_fn=loss, optimizer=optimizer, lr_scheduler=scheduler,
+                      loggers=loggers)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state, source=str(resume_path))
+        log.info("Resuming %s at epoch %d (step %d) into %s", resume_path, trainer.epoch, trainer.global_step,
+                 output_dir)
+    history = trainer.fit()
+
+    metrics = {name: values[-1] for name, values in history.items() if values}
+    metrics.update({"best/" + trainer.monitor: trainer.best_metric, "best/epoch": trainer.best_epoch,
+                    "global_step": trainer.global_step})
+    _write_json(output_dir / "metrics.json", metrics)
+    log.info("Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch,
+             output_dir)
+    return trainer.best_metric
+
+
+def _reject_group_owned_overrides(overrides: list[str]) -> None:
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in GROUP_OWNED:
+            group = GROUP_OWNED[key]
+            raise CLIError(f"'{override}': on the command line the {group} is chosen with the '{group}' group "
+                           f"(e.g. {group}=adamw); {key} is only read by the Python API.")
+
+
+def _resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """Find and check the checkpoint named by ``ckpt_path``; a resume that cannot be honoured is an error."""
+    if not cfg.get("ckpt_path"):
+        return None, None
+    from mlff_distiller.training.checkpoint import load_checkpoint_file
+
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if path.is_dir():
+        candidates = [path / "checkpoints" / "last.pt", path / "last.pt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise CLIError(f"ckpt_path={str(path)!r} is a directory without a checkpoint; looked for "
+                           f"{[str(c) for c in candidates]}. Pass a run directory or a .pt file.")
+        path = found
+    elif not path.is_file():
+        raise CLIError(f"ckpt_path={str(path)!r} does not exist; pass a checkpoint file (last.pt, best_model.pt) "
+                       "or a run directory.")
+    state = load_checkpoint_file(path)
+    saved = state.get("config", {}).get("extra", {})
+    if "run_config" not in saved:
+        raise CLIError(f"ckpt_path={str(path)!r} was not written by mlff-train (no run config inside); resume it "
+                       "from Python with Trainer.load_checkpoint.")
+    differences = _config_differences(saved["run_config"], OmegaConf.to_container(cfg, resolve=False))
+    if differences:
+        original = " ".join(saved.get("overrides", [])) or "(none)"
+        raise CLIError(
+            f"Cannot resume from {str(path)!r}: the config differs from the saved run at "
+            + "; ".join(differences)
+            + f". Resume with the original overrides ({original}) plus ckpt_path=...; only trainer.max_epochs may "
+            "change."
+        )
+    return path, state
+
+
+def _config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if prefix.rstrip(".") in RESUME_MAY_CHANGE:
+        return []
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += _config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    if saved != current:
+        return [f"{prefix.rstrip('.')} (saved {saved!r}, now {current!r})"]
+    return []
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _is_instantiation_error(error: Exception) -> bool:
+    from hydra.errors import InstantiationException
+
+    return isinstance(error, InstantiationException)
+
+
+def _fail(error: Exception) -> None:
+    print(f"mlff-train: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
