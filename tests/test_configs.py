@@ -1,0 +1,91 @@
+"""Every option of every config group composes, and its objects instantiate and fit together."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import mlff_distiller.train  # noqa: F401  (registers the trainer schema)
+from mlff_distiller.training import ConfigError, Trainer, TrainingConfig
+
+CONF = files("mlff_distiller.conf")
+GROUPS = ("model", "data", "loss", "optimizer", "scheduler", "trainer", "logger", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in CONF.joinpath(group).iterdir() if p.name.endswith(".yaml"))
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_module(config_module="mlff_distiller.conf", version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}", "experiment=smoke", *overrides])
+
+
+def test_required_groups_and_options_exist():
+    assert {"adam", "adamw", "sgd"} <= set(options("optimizer"))
+    assert {"cosine", "step", "plateau", "none"} <= set(options("scheduler"))
+    assert {"tensorboard", "none"} <= set(options("logger"))
+    assert "smoke" in options("experiment")
+    for group in GROUPS:
+        assert options(group), f"group {group} has no options"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_instantiates(tmp_path, group, option):
+    cfg = compose_cfg(tmp_path, f"{group}={option}")
+    training_config = OmegaConf.to_object(cfg.trainer)
+    assert isinstance(training_config, TrainingConfig)
+    model = instantiate(cfg.model)
+    data = instantiate(cfg.data)
+    loss = instantiate(cfg.loss)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.trainer.learning_rate)
+    scheduler = instantiate(cfg.scheduler)(optimizer) if "_target_" in (cfg.scheduler or {}) else None
+    loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
+    batch = next(iter(data.train_loader()))
+    terms = loss(model, batch)
+    assert torch.isfinite(terms["loss"])
+    assert terms["loss"].requires_grad
+    if scheduler is not None:
+        assert hasattr(scheduler, "step")
+    for logger in loggers:
+        assert Path(logger.log_dir).is_relative_to(tmp_path)
+
+
+def test_shared_values_are_interpolated_once(tmp_path):
+    cfg = compose_cfg(tmp_path, "monitor=val/force_mae", "mode=max", "cutoff=3.5", "scheduler=plateau")
+    assert cfg.trainer.monitor == "val/force_mae"
+    assert cfg.trainer.mode == "max" and cfg.scheduler.mode == "max"
+    assert cfg.model.cutoff == 3.5
+    assert cfg.optimizer.lr == cfg.trainer.learning_rate
+    assert cfg.data.batch_size == cfg.trainer.batch_size == 16  # from experiment=smoke
+
+
+def test_smoke_experiment_overrides_defaults(tmp_path):
+    cfg = compose_cfg(tmp_path)
+    assert cfg.trainer.max_epochs == 2
+    assert cfg.data.num_train == 64
+
+
+def test_invalid_value_is_a_config_error(tmp_path):
+    cfg = compose_cfg(tmp_path, "trainer.learning_rate=-0.1")
+    with pytest.raises(ConfigError, match=r"learning_rate=-0.1.*> 0"):
+        OmegaConf.to_object(cfg.trainer)
+
+
+def test_composed_job_trains(tmp_path):
+    """The smoke composition, wired by hand as train.py does, lowers the validation loss in three epochs."""
+    cfg = compose_cfg(tmp_path, "logger=none", "trainer.max_epochs=3")
+    torch.manual_seed(0)
+    data = instantiate(cfg.data)
+    trainer = Trainer(model=instantiate(cfg.model), train_loader=data.train_loader(), val_loader=data.val_loader(),
+                      config=OmegaConf.to_object(cfg.trainer), loss_fn=instantiate(cfg.loss),
+                      optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.scheduler), loggers=[])
+    history = trainer.fit()
+    assert history["val/loss"][-1] < 0.7 * history["val/loss"][0]
