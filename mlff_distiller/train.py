@@ -78,21 +78,35 @@ def train(cfg: DictConfig) -> float | None:
     loggers = [ConsoleLogger(print_epochs=False)]
     loggers += [instantiate(node) for node in (cfg.get("logger") or {}).values()]
 
-    trainer = Trainer(model=model, train_loader=data.train_loader(), val_loader=data.val_loader(),
-                      config=training_config, loss_fn=loss, optimizer=optimizer, lr_scheduler=scheduler,
-                      loggers=loggers)
+    trainer = Trainer(
+        model=model,
+        train_loader=data.train_loader(),
+        val_loader=data.val_loader(),
+        config=training_config,
+        loss_fn=loss,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        loggers=loggers,
+    )
     if resume_state is not None:
         trainer.load_state_dict(resume_state, source=str(resume_path))
-        log.info("Resuming %s at epoch %d (step %d) into %s", resume_path, trainer.epoch, trainer.global_step,
-                 output_dir)
+        log.info(
+            "Resuming %s at epoch %d (step %d) into %s", resume_path, trainer.epoch, trainer.global_step, output_dir
+        )
     history = trainer.fit()
 
     metrics = {name: values[-1] for name, values in history.items() if values}
-    metrics.update({"best/" + trainer.monitor: trainer.best_metric, "best/epoch": trainer.best_epoch,
-                    "global_step": trainer.global_step})
+    metrics.update(
+        {
+            "best/" + trainer.monitor: trainer.best_metric,
+            "best/epoch": trainer.best_epoch,
+            "global_step": trainer.global_step,
+        }
+    )
     _write_json(output_dir / "metrics.json", metrics)
-    log.info("Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch,
-             output_dir)
+    log.info(
+        "Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch, output_dir
+    )
     return trainer.best_metric
 
 
@@ -101,8 +115,10 @@ def _reject_group_owned_overrides(overrides: list[str]) -> None:
         key = override.split("=", 1)[0].lstrip("+~")
         if key in GROUP_OWNED:
             group = GROUP_OWNED[key]
-            raise CLIError(f"'{override}': on the command line the {group} is chosen with the '{group}' group "
-                           f"(e.g. {group}=adamw); {key} is only read by the Python API.")
+            raise CLIError(
+                f"'{override}': on the command line the {group} is chosen with the '{group}' group "
+                f"(e.g. {group}=adamw); {key} is only read by the Python API."
+            )
 
 
 def _resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
@@ -116,17 +132,23 @@ def _resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None
         candidates = [path / "checkpoints" / "last.pt", path / "last.pt"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise CLIError(f"ckpt_path={str(path)!r} is a directory without a checkpoint; looked for "
-                           f"{[str(c) for c in candidates]}. Pass a run directory or a .pt file.")
+            raise CLIError(
+                f"ckpt_path={str(path)!r} is a directory without a checkpoint; looked for "
+                f"{[str(c) for c in candidates]}. Pass a run directory or a .pt file."
+            )
         path = found
     elif not path.is_file():
-        raise CLIError(f"ckpt_path={str(path)!r} does not exist; pass a checkpoint file (last.pt, best_model.pt) "
-                       "or a run directory.")
+        raise CLIError(
+            f"ckpt_path={str(path)!r} does not exist; pass a checkpoint file (last.pt, best_model.pt) "
+            "or a run directory."
+        )
     state = load_checkpoint_file(path)
     saved = state.get("config", {}).get("extra", {})
     if "run_config" not in saved:
-        raise CLIError(f"ckpt_path={str(path)!r} was not written by mlff-train (no run config inside); resume it "
-                       "from Python with Trainer.load_checkpoint.")
+        raise CLIError(
+            f"ckpt_path={str(path)!r} was not written by mlff-train (no run config inside); resume it "
+            "from Python with Trainer.load_checkpoint."
+        )
     differences = _config_differences(saved["run_config"], OmegaConf.to_container(cfg, resolve=False))
     if differences:
         original = " ".join(saved.get("overrides", [])) or "(none)"

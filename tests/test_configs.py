@@ -84,8 +84,15 @@ def test_composed_job_trains(tmp_path):
     cfg = compose_cfg(tmp_path, "logger=none", "trainer.max_epochs=3")
     torch.manual_seed(0)
     data = instantiate(cfg.data)
-    trainer = Trainer(model=instantiate(cfg.model), train_loader=data.train_loader(), val_loader=data.val_loader(),
-                      config=OmegaConf.to_object(cfg.trainer), loss_fn=instantiate(cfg.loss),
-                      optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.scheduler), loggers=[])
+    trainer = Trainer(
+        model=instantiate(cfg.model),
+        train_loader=data.train_loader(),
+        val_loader=data.val_loader(),
+        config=OmegaConf.to_object(cfg.trainer),
+        loss_fn=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        lr_scheduler=instantiate(cfg.scheduler),
+        loggers=[],
+    )
     history = trainer.fit()
     assert history["val/loss"][-1] < 0.7 * history["val/loss"][0]

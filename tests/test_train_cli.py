@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(MLFF_TRAIN is None, reason="mlff-train is not in
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, command: list[str] | None = None):
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run((command or [MLFF_TRAIN]) + args, cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=240)
+    return subprocess.run(
+        (command or [MLFF_TRAIN]) + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=240
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -38,7 +39,9 @@ def test_one_epoch_run_writes_every_artifact(tmp_path):
     run_dir = tmp_path / "run"
     assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (run_dir / ".hydra").iterdir()}
     assert yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text()) == [
-        "experiment=smoke", "trainer.max_epochs=1"]
+        "experiment=smoke",
+        "trainer.max_epochs=1",
+    ]
     last, best = load(run_dir / "checkpoints/last.pt"), load(run_dir / "checkpoints/best_model.pt")
     assert last["epoch"] == best["epoch"] == 1
     assert last["global_step"] == 4  # 64 structures / batch 16
@@ -64,8 +67,11 @@ def test_default_job_runs_end_to_end_and_learns(tmp_path):
 
 
 def test_multirun_sweep_gives_isolated_jobs(tmp_path):
-    result = ok(run(["-m", "experiment=smoke", "optimizer=adam,sgd", "scheduler=cosine,step",
-                     "hydra.sweep.dir=sweep"], tmp_path))
+    result = ok(
+        run(
+            ["-m", "experiment=smoke", "optimizer=adam,sgd", "scheduler=cosine,step", "hydra.sweep.dir=sweep"], tmp_path
+        )
+    )
     assert "Launching 4 jobs" in result.stdout + result.stderr
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"), key=lambda p: int(p.name))
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
@@ -138,8 +144,12 @@ def test_bad_input_stops_before_training(tmp_path, args, expected):
 
 def test_help_and_cfg_job(tmp_path):
     help_text = ok(run(["--help"], tmp_path)).stdout
-    for line in ("optimizer: adam, adamw, sgd", "scheduler: cosine, none, plateau, step", "experiment: smoke",
-                 "logger: none, tensorboard"):
+    for line in (
+        "optimizer: adam, adamw, sgd",
+        "scheduler: cosine, none, plateau, step",
+        "experiment: smoke",
+        "logger: none, tensorboard",
+    ):
         assert line in help_text
     composed = yaml.safe_load(ok(run(["--cfg", "job", "experiment=smoke", "optimizer=sgd"], tmp_path)).stdout)
     assert composed["trainer"]["max_epochs"] == 2
@@ -151,9 +161,22 @@ def test_user_config_dir_adds_options(tmp_path):
     """A user's own --config-dir adds a group option next to the shipped ones."""
     user_conf = tmp_path / "my_conf" / "optimizer"
     user_conf.mkdir(parents=True)
-    (user_conf / "radam.yaml").write_text("_target_: torch.optim.RAdam\n_partial_: true\nlr: ${trainer.learning_rate}\n")
-    ok(run(["--config-dir", "my_conf", "optimizer=radam", "experiment=smoke", "trainer.max_epochs=1",
-            "hydra.run.dir=run"], tmp_path))
+    (user_conf / "radam.yaml").write_text(
+        "_target_: torch.optim.RAdam\n_partial_: true\nlr: ${trainer.learning_rate}\n"
+    )
+    ok(
+        run(
+            [
+                "--config-dir",
+                "my_conf",
+                "optimizer=radam",
+                "experiment=smoke",
+                "trainer.max_epochs=1",
+                "hydra.run.dir=run",
+            ],
+            tmp_path,
+        )
+    )
     assert load(tmp_path / "run/checkpoints/last.pt")["optimizer_class"] == "RAdam"
 
 
@@ -161,18 +184,38 @@ def test_installed_wheel_runs_from_another_directory(tmp_path):
     """A regular (non-editable) wheel carries its configs: run it with the source tree out of reach."""
     repo = Path(__file__).resolve().parents[1]
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(repo)],
-                   check=True, capture_output=True, timeout=240)
+    subprocess.run(
+        pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(repo)],
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
     wheel = next((tmp_path / "wheel").glob("mlff_distiller-*.whl"))
-    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
-                   capture_output=True, timeout=240)
+    subprocess.run(
+        pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
     assert (tmp_path / "site/mlff_distiller/conf/train.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(tmp_path / "site")}
-    where = subprocess.run([sys.executable, "-c", "import mlff_distiller; print(mlff_distiller.__file__)"],
-                           cwd=elsewhere, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "import mlff_distiller; print(mlff_distiller.__file__)"],
+        cwd=elsewhere,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert where.stdout.strip().startswith(str(tmp_path / "site"))
-    ok(run(["experiment=smoke", "trainer.max_epochs=1", "hydra.run.dir=run"], elsewhere, env=env,
-           command=[sys.executable, "-m", "mlff_distiller.train"]))
+    ok(
+        run(
+            ["experiment=smoke", "trainer.max_epochs=1", "hydra.run.dir=run"],
+            elsewhere,
+            env=env,
+            command=[sys.executable, "-m", "mlff_distiller.train"],
+        )
+    )
     assert (elsewhere / "run/metrics.json").is_file()

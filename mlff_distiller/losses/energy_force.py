@@ -13,8 +13,9 @@ class EnergyForceLoss:
 
     def __init__(self, energy_weight: float = 1.0, force_weight: float = 10.0) -> None:
         if energy_weight < 0 or force_weight < 0 or energy_weight + force_weight == 0:
-            raise ValueError(f"energy_weight={energy_weight} and force_weight={force_weight} must be >= 0 "
-                             "and not both 0.")
+            raise ValueError(
+                f"energy_weight={energy_weight} and force_weight={force_weight} must be >= 0 and not both 0."
+            )
         self.energy_weight = energy_weight
         self.force_weight = force_weight
 

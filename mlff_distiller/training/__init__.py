@@ -26,7 +26,21 @@ _EXPORTS = {
     "Trainer": "trainer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Callback",
+    "CheckpointError",
+    "ConfigError",
+    "ConsoleLogger",
+    "ExponentialMovingAverage",
+    "Logger",
+    "NonFiniteLossError",
+    "TensorBoardLogger",
+    "Trainer",
+    "TrainingConfig",
+    "load_checkpoint_file",
+    "load_model_weights",
+    "save_checkpoint",
+]
 
 if TYPE_CHECKING:
     from .callbacks import Callback

@@ -117,8 +117,13 @@ def capture_rng_state() -> dict[str, Any]:
     except ImportError:
         return state
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state["numpy"] = {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype("int64")),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     return state
 
 

@@ -106,8 +106,15 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first invalid field."""
-        positive_ints = ("max_epochs", "batch_size", "log_interval", "val_interval",
-                         "gradient_accumulation_steps", "step_size", "max_nonfinite_steps")
+        positive_ints = (
+            "max_epochs",
+            "batch_size",
+            "log_interval",
+            "val_interval",
+            "gradient_accumulation_steps",
+            "step_size",
+            "max_nonfinite_steps",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -152,8 +159,13 @@ class TrainingConfig:
             if value is None and name in ("optimizer", "lr_scheduler"):
                 continue
             if value not in accepted:
-                _fail(name, value, "one of " + ", ".join(repr(a) for a in accepted)
-                  + (" or None (given to the Trainer)" if name in ("optimizer", "lr_scheduler") else ""))
+                _fail(
+                    name,
+                    value,
+                    "one of "
+                    + ", ".join(repr(a) for a in accepted)
+                    + (" or None (given to the Trainer)" if name in ("optimizer", "lr_scheduler") else ""),
+                )
         if self.nesterov and self.optimizer == "sgd" and self.momentum <= 0:
             _fail("nesterov", self.nesterov, "False when momentum is 0")
         if not isinstance(self.monitor, str) or "/" not in self.monitor and self.monitor != "lr":
@@ -163,8 +175,11 @@ class TrainingConfig:
         if not _valid_device(self.device):
             _fail("device", self.device, "one of " + ", ".join(repr(d) for d in DEVICES))
         if self.mixed_precision == "fp16" and self.device == "cpu":
-            _fail("mixed_precision", self.mixed_precision,
-                  "'off' or 'bf16' on a CPU (fp16 autocast with GradScaler needs CUDA)")
+            _fail(
+                "mixed_precision",
+                self.mixed_precision,
+                "'off' or 'bf16' on a CPU (fp16 autocast with GradScaler needs CUDA)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data copy (for checkpoints and logs)."""
@@ -176,9 +191,7 @@ class TrainingConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(
-                f"Unknown TrainingConfig field(s) {unknown}; accepted fields are {sorted(names)}."
-            )
+            raise ConfigError(f"Unknown TrainingConfig field(s) {unknown}; accepted fields are {sorted(names)}.")
         return cls(**values)
 
 

@@ -57,8 +57,12 @@ class ExponentialMovingAverage:
         return state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "shadow": dict(zip(self._names, self.shadow))}
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "shadow": dict(zip(self._names, self.shadow)),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         shadow = state["shadow"]

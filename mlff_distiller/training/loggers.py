@@ -76,9 +76,15 @@ class ConsoleLogger(Logger):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
-                                  console=self.console, transient=True)
+        self._progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[loss]}"),
+            console=self.console,
+            transient=True,
+        )
         total = _safe_len(trainer.train_loader)
         self._task = self._progress.add_task("train", total=total, epoch=trainer.epoch + 1, loss="")
         self._progress.start()
@@ -95,8 +101,9 @@ class ConsoleLogger(Logger):
         self._stop_progress()
         if self.print_epochs:
             shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch")
-            self.console.print(f"epoch {trainer.epoch}/{trainer.config.max_epochs}: {shown}", highlight=False,
-                               soft_wrap=True)
+            self.console.print(
+                f"epoch {trainer.epoch}/{trainer.config.max_epochs}: {shown}", highlight=False, soft_wrap=True
+            )
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self._stop_progress()

@@ -16,20 +16,26 @@ Scheduler = LRScheduler | ReduceLROnPlateau
 def build_optimizer(config: TrainingConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
     """The optimizer named by ``config.optimizer`` over ``params``."""
     if config.optimizer is None:
-        raise ConfigError("TrainingConfig.optimizer=None means the optimizer is given to the Trainer, but none "
-                          "was; pass optimizer=... or set optimizer to one of 'adam', 'adamw', 'sgd'.")
+        raise ConfigError(
+            "TrainingConfig.optimizer=None means the optimizer is given to the Trainer, but none "
+            "was; pass optimizer=... or set optimizer to one of 'adam', 'adamw', 'sgd'."
+        )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum,
-                               weight_decay=config.weight_decay, nesterov=config.nesterov)
+        return torch.optim.SGD(
+            params,
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov,
+        )
     raise ValueError(f"unknown optimizer {config.optimizer!r}")  # unreachable: config validated
 
 
-def build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer,
-                    steps_per_epoch: int) -> Scheduler | None:
+def build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler | None:
     """The scheduler named by ``config.lr_scheduler``.
 
     cosine: anneals from ``learning_rate`` to ``min_lr`` over the run (``max_epochs`` epochs, or
@@ -47,9 +53,15 @@ def build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer,
     if name == "step":
         return StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
     if name == "plateau":
-        return ReduceLROnPlateau(optimizer, mode=config.mode, factor=config.plateau_factor,
-                                 patience=config.plateau_patience, min_lr=config.min_lr,
-                                 threshold=config.early_stopping_min_delta, threshold_mode="abs")
+        return ReduceLROnPlateau(
+            optimizer,
+            mode=config.mode,
+            factor=config.plateau_factor,
+            patience=config.plateau_patience,
+            min_lr=config.min_lr,
+            threshold=config.early_stopping_min_delta,
+            threshold_mode="abs",
+        )
     raise ValueError(f"unknown lr_scheduler {name!r}")  # unreachable: config validated
 
 

@@ -42,10 +42,20 @@ BEST = "best_model.pt"
 
 # Config fields that may change between an interrupted run and its continuation; any other
 # difference changes the optimisation itself and is refused unless explicitly allowed.
-RESUMABLE_CHANGES = frozenset({
-    "max_epochs", "checkpoint_dir", "overwrite_checkpoints", "log_interval", "val_interval",
-    "early_stopping_patience", "early_stopping_min_delta", "max_nonfinite_steps", "device", "extra",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_epochs",
+        "checkpoint_dir",
+        "overwrite_checkpoints",
+        "log_interval",
+        "val_interval",
+        "early_stopping_patience",
+        "early_stopping_min_delta",
+        "max_nonfinite_steps",
+        "device",
+        "extra",
+    }
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,7 +105,9 @@ class Trainer:
         elif isinstance(config, Mapping):
             config = TrainingConfig.from_dict(dict(config))
         elif not isinstance(config, TrainingConfig):
-            raise ConfigError(f"config must be a TrainingConfig or a mapping of its fields, not {type(config).__name__}.")
+            raise ConfigError(
+                f"config must be a TrainingConfig or a mapping of its fields, not {type(config).__name__}."
+            )
         self.config = config
         self.device = resolve_device(device if device is not None else config.device)
         self._check_precision()
@@ -108,8 +120,10 @@ class Trainer:
         self.monitor = config.monitor
         if val_loader is None and self.monitor.startswith("val/"):
             if self.monitor != "val/loss":
-                raise ConfigError(f"monitor={self.monitor!r} needs a val_loader; without one only 'train/...' "
-                                  "metrics exist (e.g. monitor='train/loss').")
+                raise ConfigError(
+                    f"monitor={self.monitor!r} needs a val_loader; without one only 'train/...' "
+                    "metrics exist (e.g. monitor='train/loss')."
+                )
             self.monitor = "train/loss"
         self._warn_on_batch_size_mismatch()
 
@@ -133,8 +147,11 @@ class Trainer:
             self.scheduler = lr_scheduler(self.optimizer)
         self.warmup = Warmup(config.warmup_steps) if config.warmup_steps > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
-        self.ema = (ExponentialMovingAverage(self.model, config.ema_decay, config.ema_warmup)
-                    if config.ema_decay is not None else None)
+        self.ema = (
+            ExponentialMovingAverage(self.model, config.ema_decay, config.ema_warmup)
+            if config.ema_decay is not None
+            else None
+        )
 
         self.loggers: list[Logger] = list(loggers) if loggers is not None else [ConsoleLogger()]
         self.callbacks: dict[str, Callback] = _name_callbacks(callbacks)
@@ -196,8 +213,12 @@ class Trainer:
         self._step_scheduler_after_epoch(metrics.get(self.monitor))
         self._call("on_train_epoch_end", metrics)
         self._record(metrics)
-        log.info("epoch %d/%d: %s", self.epoch, self.config.max_epochs,
-                 ", ".join(f"{k} {v:.5g}" for k, v in metrics.items() if k != "epoch"))
+        log.info(
+            "epoch %d/%d: %s",
+            self.epoch,
+            self.config.max_epochs,
+            ", ".join(f"{k} {v:.5g}" for k, v in metrics.items() if k != "epoch"),
+        )
         if self.checkpoint_dir is not None:
             self.save_checkpoint(self.checkpoint_dir / LAST)
             if improved:
@@ -291,8 +312,14 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         what = f"loss={loss.item()}" + (f", grad_norm={grad_norm.item()}" if grad_norm is not None else "")
-        log.warning("Skipped optimizer step %d of epoch %d: non-finite %s (%d in a row, %d in total).",
-                    self.global_step, self.epoch + 1, what, self.nonfinite["in_a_row"], self.nonfinite["total"])
+        log.warning(
+            "Skipped optimizer step %d of epoch %d: non-finite %s (%d in a row, %d in total).",
+            self.global_step,
+            self.epoch + 1,
+            what,
+            self.nonfinite["in_a_row"],
+            self.nonfinite["total"],
+        )
         self._log({"train/nonfinite_steps": float(self.nonfinite["total"])})
         if self.nonfinite["in_a_row"] >= self.config.max_nonfinite_steps:
             raise NonFiniteLossError(
@@ -346,10 +373,14 @@ class Trainer:
         if isinstance(out, torch.Tensor):
             return {"loss": out}
         if isinstance(out, Mapping) and "loss" in out:
-            return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=self.device)
-                    for k, v in out.items()}
-        raise TypeError(f"The loss must be a Tensor or a dict with a 'loss' entry; got {type(out).__name__}"
-                        + (f" with keys {sorted(out)}" if isinstance(out, Mapping) else "") + ".")
+            return {
+                k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=self.device) for k, v in out.items()
+            }
+        raise TypeError(
+            f"The loss must be a Tensor or a dict with a 'loss' entry; got {type(out).__name__}"
+            + (f" with keys {sorted(out)}" if isinstance(out, Mapping) else "")
+            + "."
+        )
 
     # ------------------------------------------------------------------ monitor, schedulers
     @property
@@ -374,8 +405,10 @@ class Trainer:
             validated = any(k.startswith("val/") for k in metrics)
             if self.monitor.startswith("val/") and not validated:
                 return False
-            raise ConfigError(f"monitor={self.monitor!r} is not a logged metric; available metrics are "
-                              f"{sorted(k for k in metrics if '/' in k)}.")
+            raise ConfigError(
+                f"monitor={self.monitor!r} is not a logged metric; available metrics are "
+                f"{sorted(k for k in metrics if '/' in k)}."
+            )
         value = metrics[self.monitor]
         improved = self._better(value, self.best_metric)
         if improved:
@@ -386,9 +419,16 @@ class Trainer:
         else:
             self.early_stopping["wait"] += 1
             if patience is not None and self.early_stopping["wait"] >= patience:
-                log.info("Early stopping after epoch %d: %s has not improved by more than %g for %d validations "
-                         "(best %.6g at epoch %s).", self.epoch, self.monitor, self.config.early_stopping_min_delta,
-                         self.early_stopping["wait"], self.best_metric, self.best_epoch)
+                log.info(
+                    "Early stopping after epoch %d: %s has not improved by more than %g for %d validations "
+                    "(best %.6g at epoch %s).",
+                    self.epoch,
+                    self.monitor,
+                    self.config.early_stopping_min_delta,
+                    self.early_stopping["wait"],
+                    self.best_metric,
+                    self.best_epoch,
+                )
                 self.should_stop = True
         return improved
 
@@ -434,12 +474,16 @@ class Trainer:
         self._check_resume_config(state["config"], source, strict_config)
         load_model_state(self.model, state["model"], source)
         if state["optimizer_class"] != type(self.optimizer).__name__:
-            raise CheckpointError(f"Checkpoint {source!r} holds a {state['optimizer_class']} state but the "
-                                  f"Trainer uses {type(self.optimizer).__name__}.")
+            raise CheckpointError(
+                f"Checkpoint {source!r} holds a {state['optimizer_class']} state but the "
+                f"Trainer uses {type(self.optimizer).__name__}."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         if (state["scheduler_class"] or None) != (type(self.scheduler).__name__ if self.scheduler else None):
-            raise CheckpointError(f"Checkpoint {source!r} holds scheduler {state['scheduler_class']} but the "
-                                  f"Trainer uses {type(self.scheduler).__name__ if self.scheduler else None}.")
+            raise CheckpointError(
+                f"Checkpoint {source!r} holds scheduler {state['scheduler_class']} but the "
+                f"Trainer uses {type(self.scheduler).__name__ if self.scheduler else None}."
+            )
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
             self._extend_cosine_horizon(state["config"])
@@ -486,12 +530,17 @@ class Trainer:
 
     def _check_resume_config(self, saved: dict[str, Any], source: str, strict: bool) -> None:
         current = self.config.to_dict()
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-                 for k in sorted(set(saved) | set(current))
-                 if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current))
+            if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        ]
         if diffs and strict:
-            raise CheckpointError(f"Checkpoint {source!r} was written with a different training config ("
-                                  + "; ".join(diffs) + "). Resume with the same config, or pass strict_config=False.")
+            raise CheckpointError(
+                f"Checkpoint {source!r} was written with a different training config ("
+                + "; ".join(diffs)
+                + "). Resume with the same config, or pass strict_config=False."
+            )
         if diffs:
             log.warning("Resuming %s with a changed config: %s", source, "; ".join(diffs))
 
@@ -541,26 +590,35 @@ class Trainer:
     def _check_precision(self) -> None:
         mp = self.config.mixed_precision
         if mp == "fp16" and self.device.type != "cuda":
-            raise ConfigError(f"mixed_precision='fp16' is invalid on device {str(self.device)!r}: fp16 needs "
-                              "CUDA; accepted here: 'off' or 'bf16'.")
+            raise ConfigError(
+                f"mixed_precision='fp16' is invalid on device {str(self.device)!r}: fp16 needs "
+                "CUDA; accepted here: 'off' or 'bf16'."
+            )
         if mp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"mixed_precision='bf16' is not supported by {torch.cuda.get_device_name(self.device)}; "
-                              "accepted: 'off' or 'fp16'.")
+            raise ConfigError(
+                f"mixed_precision='bf16' is not supported by {torch.cuda.get_device_name(self.device)}; "
+                "accepted: 'off' or 'fp16'."
+            )
 
     def _warn_on_batch_size_mismatch(self) -> None:
         loader_batch = getattr(self.train_loader, "batch_size", None)
         if isinstance(loader_batch, int) and loader_batch != self.config.batch_size:
-            log.warning("train_loader.batch_size=%d differs from config.batch_size=%d; the loader's value is used.",
-                        loader_batch, self.config.batch_size)
+            log.warning(
+                "train_loader.batch_size=%d differs from config.batch_size=%d; the loader's value is used.",
+                loader_batch,
+                self.config.batch_size,
+            )
 
 
 # ---------------------------------------------------------------------- free functions
 def mse_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """Default loss: mean squared error of ``model(inputs)`` against ``targets``."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError("The default loss expects batches of (inputs, targets); got "
-                        f"{type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}. "
-                        "Pass loss_fn=f(model, batch) or override Trainer.compute_loss.")
+        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise TypeError(
+            f"The default loss expects batches of (inputs, targets); got {type(batch).__name__}{length}. "
+            "Pass loss_fn=f(model, batch) or override Trainer.compute_loss."
+        )
     inputs, targets = batch
     return F.mse_loss(model(inputs), targets)
 
