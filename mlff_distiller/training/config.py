@@ -59,7 +59,8 @@ class TrainingConfig:
     plateau_factor: float = 0.5
     """Plateau scheduler: factor applied to the learning rate when the monitored metric stalls."""
     plateau_patience: int = 10
-    """Plateau scheduler: validations without improvement before the learning rate is reduced."""
+    """Plateau scheduler: the learning rate is reduced after more than this many validations without
+    improvement (``torch.optim.lr_scheduler.ReduceLROnPlateau`` semantics)."""
     min_lr: float = 0.0
     """Lower bound of the learning rate for cosine (its final value) and plateau."""
     warmup_steps: int = 0

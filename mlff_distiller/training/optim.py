@@ -41,8 +41,8 @@ def build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, st
     cosine: anneals from ``learning_rate`` to ``min_lr`` over the run (``max_epochs`` epochs, or
     ``max_epochs * steps_per_epoch`` optimizer steps when ``scheduler_interval == "step"``).
     step: multiplies the learning rate by ``gamma`` every ``step_size`` intervals.
-    plateau: multiplies it by ``plateau_factor`` after ``plateau_patience`` validations without
-    improvement of ``config.monitor`` (never below ``min_lr``).
+    plateau: multiplies it by ``plateau_factor`` after more than ``plateau_patience`` validations
+    without improvement of ``config.monitor`` (torch semantics; never below ``min_lr``).
     """
     name = config.lr_scheduler
     if name is None or name == "none":

@@ -230,50 +230,64 @@ class Trainer:
         self._call("on_train_epoch_start")
         accumulate = self.config.gradient_accumulation_steps
         num_batches = _safe_len(self.train_loader)
-        sums: dict[str, torch.Tensor] = {}
-        samples = 0
-        window_loss = torch.zeros((), device=self.device)
-        micro = 0
+        sums: dict[str, torch.Tensor] = {}  # over applied optimizer steps only
+        samples = processed = 0
+        window: dict[str, torch.Tensor] = {}
+        window_samples = micro = 0
         self.optimizer.zero_grad(set_to_none=True)
         for batch_index, batch in enumerate(self.train_loader):
             batch = move_to_device(batch, self.device)
             n = self.batch_size_fn(batch)
             with self._autocast():
                 terms = self._loss_terms(batch)
-            loss = terms["loss"]
-            scaled = loss / accumulate
+            scaled = terms["loss"] / accumulate
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             detached = {k: v.detach().float() for k, v in terms.items()}
-            _accumulate(sums, detached, n)
-            samples += n
-            window_loss += detached["loss"]
+            _accumulate(window, detached, n)
+            window_samples += n
+            processed += n
             micro += 1
             self._call("on_train_batch_end", batch_index, detached)
+            # A loader without a length ends inside its last window; that window is stepped below.
             if micro == accumulate or batch_index + 1 == num_batches:
-                self._optimizer_step(window_loss / micro)
-                window_loss = torch.zeros((), device=self.device)
-                micro = 0
+                if self._optimizer_step(window["loss"] / window_samples, micro):
+                    _merge(sums, window)
+                    samples += window_samples
+                window, window_samples, micro = {}, 0, 0
                 if self.should_stop:
                     break
-        if micro:  # a loader without a length ended inside an accumulation window
-            self._optimizer_step(window_loss / micro)
-        if samples == 0:
+        if micro:
+            if self._optimizer_step(window["loss"] / window_samples, micro):
+                _merge(sums, window)
+                samples += window_samples
+        if processed == 0:
             raise RuntimeError("train_loader yielded no batches.")
-        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, samples
+        if samples == 0:  # every step of the epoch was skipped as non-finite
+            return {"train/loss": math.nan}, processed
+        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, processed
 
-    def _optimizer_step(self, loss: torch.Tensor) -> None:
+    def _optimizer_step(self, loss: torch.Tensor, micro: int) -> bool:
+        """Clip, check, step; returns False when the step was skipped as non-finite."""
+        lr = self.current_lr()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        accumulate = self.config.gradient_accumulation_steps
+        if micro < accumulate and grads:  # a short last window: average over the batches it really holds
+            torch._foreach_mul_(grads, accumulate / micro)
         if self.config.grad_clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.config.grad_clip_value)
         grad_norm = None
         if self.config.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        elif self.scaler is None and grads:
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         finite = torch.isfinite(loss)
         if grad_norm is not None and self.scaler is None:
             finite &= torch.isfinite(grad_norm)
-        if bool(finite):
+        applied = bool(finite)  # the one host sync per optimizer step
+        if applied:
             self.nonfinite["in_a_row"] = 0
             self._apply_optimizer_step()
         else:
@@ -283,11 +297,12 @@ class Trainer:
         if self.scheduler is not None and self.config.scheduler_interval == "step" and not self._is_plateau:
             self.scheduler.step()
         if self.global_step % self.config.log_interval == 0:
-            step_metrics = {"train/loss_step": loss.item(), "lr_step": self.current_lr()}
+            step_metrics = {"train/loss_step": loss.item(), "lr_step": lr}
             if grad_norm is not None:
                 step_metrics["train/grad_norm_step"] = grad_norm.item()
             self._log(step_metrics)
         self._call("on_optimizer_step")
+        return applied
 
     def _apply_optimizer_step(self) -> None:
         factor = self.warmup.factor(self.global_step) if self.warmup is not None else 1.0
@@ -542,7 +557,12 @@ class Trainer:
                 + "). Resume with the same config, or pass strict_config=False."
             )
         if diffs:
-            log.warning("Resuming %s with a changed config: %s", source, "; ".join(diffs))
+            log.warning(
+                "Resuming %s with a changed config: %s. The optimizer and scheduler continue from the "
+                "checkpoint's state (its learning rates included).",
+                source,
+                "; ".join(diffs),
+            )
 
     def _extend_cosine_horizon(self, saved_config: dict[str, Any]) -> None:
         # A cosine schedule sized to the original run is stretched to a raised max_epochs, so the
@@ -688,6 +708,11 @@ def _accumulate(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], n
     for name, value in terms.items():
         weighted = value * n
         sums[name] = sums[name] + weighted if name in sums else weighted
+
+
+def _merge(sums: dict[str, torch.Tensor], window: dict[str, torch.Tensor]) -> None:
+    for name, value in window.items():
+        sums[name] = sums[name] + value if name in sums else value
 
 
 def _name_callbacks(callbacks: Sequence[Callback] | Mapping[str, Callback] | None) -> dict[str, Callback]:
