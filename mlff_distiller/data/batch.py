@@ -1,0 +1,103 @@
+"""`AtomsBatch`: several structures concatenated atom-wise, with their neighbour lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import keys
+
+_FLOAT_KEYS = (keys.POSITIONS, keys.CELL, keys.CELL_SHIFTS, keys.ENERGY, keys.FORCES)
+
+
+class AtomsBatch(Mapping[str, torch.Tensor]):
+    """Read-only mapping of batch keys (see :mod:`mlff_distiller.data.keys`) to tensors.
+
+    ``len(batch)`` is the number of structures (the Trainer averages metrics per structure);
+    ``batch.to(device)`` moves every tensor. An unknown key raises ``KeyError`` naming the known ones.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in keys.ATOMS_KEYS if k not in tensors]
+        if missing:
+            raise KeyError(f"AtomsBatch is missing {missing}; an atomistic batch needs {list(keys.ATOMS_KEYS)}.")
+        self._tensors = dict(tensors)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise KeyError(f"AtomsBatch has no {key!r}; it holds {sorted(self._tensors)}.") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return int(self._tensors[keys.NUM_ATOMS].shape[0])
+
+    @property
+    def num_structures(self) -> int:
+        return len(self)
+
+    @property
+    def num_atoms_total(self) -> int:
+        return int(self._tensors[keys.POSITIONS].shape[0])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AtomsBatch:
+        """Move to ``device``; ``dtype`` (if given) applies to the floating-point entries."""
+        moved = {}
+        for key, value in self._tensors.items():
+            target_dtype = dtype if dtype is not None and value.is_floating_point() else None
+            moved[key] = value.to(device=device, dtype=target_dtype, non_blocking=True)
+        return AtomsBatch(moved)
+
+    def replace(self, **tensors: torch.Tensor) -> AtomsBatch:
+        """A copy with some entries replaced (e.g. positions that require grad)."""
+        return AtomsBatch({**self._tensors, **tensors})
+
+    def __repr__(self) -> str:
+        return f"AtomsBatch(structures={len(self)}, atoms={self.num_atoms_total}, edges={self[keys.EDGE_INDEX].shape[1]})"
+
+
+def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
+    """Concatenate per-structure dicts into one :class:`AtomsBatch`.
+
+    Each item holds ``positions`` (n, 3), ``atomic_numbers`` (n,), ``cell`` (3, 3), ``pbc`` (3,),
+    ``edge_index`` (2, e) with 0-based atom indices, ``cell_shifts`` (e, 3), and optionally
+    ``energy`` () and ``forces`` (n, 3).
+    """
+    counts = torch.tensor([len(item[keys.ATOMIC_NUMBERS]) for item in items], dtype=torch.long)
+    offsets = torch.cumsum(counts, 0) - counts
+    out: dict[str, torch.Tensor] = {
+        keys.POSITIONS: torch.cat([item[keys.POSITIONS] for item in items]),
+        keys.ATOMIC_NUMBERS: torch.cat([item[keys.ATOMIC_NUMBERS] for item in items]),
+        keys.CELL: torch.stack([item[keys.CELL] for item in items]),
+        keys.PBC: torch.stack([item[keys.PBC] for item in items]),
+        keys.BATCH: torch.repeat_interleave(torch.arange(len(items)), counts),
+        keys.NUM_ATOMS: counts,
+        keys.EDGE_INDEX: torch.cat([item[keys.EDGE_INDEX] + off for item, off in zip(items, offsets.tolist())], 1),
+        keys.CELL_SHIFTS: torch.cat([item[keys.CELL_SHIFTS] for item in items]),
+    }
+    for key in keys.LABEL_KEYS:
+        present = [key in item for item in items]
+        if all(present):
+            values = [item[key] for item in items]
+            out[key] = torch.stack(values) if key == keys.ENERGY else torch.cat(values)
+        elif any(present):
+            raise KeyError(f"Some structures in the batch have {key!r} and others do not.")
+    return AtomsBatch(out)
+
+
+def edge_vectors(batch: Mapping[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
+    """r_ij = x_j - x_i + S_ij @ cell for every edge; differentiable in ``positions`` (and cell)."""
+    positions = batch[keys.POSITIONS] if positions is None else positions
+    i, j = batch[keys.EDGE_INDEX]
+    cell_of_edge = batch[keys.CELL][batch[keys.BATCH][i]]
+    shifts = torch.einsum("ek,ekl->el", batch[keys.CELL_SHIFTS].to(positions.dtype), cell_of_edge.to(positions.dtype))
+    return positions[j] - positions[i] + shifts
+
+
+def as_plain_dict(batch: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: batch[k] for k in batch}

@@ -1,0 +1,70 @@
+"""What every atomistic student shares: energy = sum of per-atom terms, forces = -dE/dx.
+
+A subclass implements :meth:`AtomisticModel.atomic_outputs`: one scalar per atom from the atomic
+numbers and the edge vectors. This class scales and shifts it by the dataset statistics, adds the
+per-element reference energies, sums per structure and differentiates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..data import keys
+from ..data.batch import edge_vectors
+from ..data.statistics import DatasetStatistics
+
+MAX_Z = 100
+
+
+class AtomisticModel(nn.Module):
+    """Base class of the students. ``forward(batch) -> {"energy": (S,), "forces": (N, 3)}``.
+
+    ``statistics`` (optional) sets the buffers ``atomic_energies`` (eV per element), ``scale``
+    (eV, force RMS) and ``avg_num_neighbors``; they are saved in the state dict, so a model rebuilt
+    without statistics and loaded from a checkpoint gets them back.
+    """
+
+    def __init__(self, cutoff: float, statistics: DatasetStatistics | None = None) -> None:
+        super().__init__()
+        if cutoff <= 0:
+            raise ValueError(f"cutoff={cutoff} must be > 0 (Å).")
+        self.cutoff = float(cutoff)
+        self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("avg_num_neighbors", torch.tensor(1.0))
+        if statistics is not None:
+            self.set_statistics(statistics)
+
+    def set_statistics(self, statistics: DatasetStatistics) -> None:
+        with torch.no_grad():
+            self.atomic_energies.zero_()
+            for z, energy in statistics.atomic_energies.items():
+                self.atomic_energies[int(z)] = energy
+            self.scale.fill_(statistics.force_rms)
+            self.avg_num_neighbors.fill_(max(statistics.avg_num_neighbors, 1.0))
+
+    def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+        """Unscaled per-atom energies, shape (atoms,); ``vectors`` are the edge vectors r_ij."""
+        raise NotImplementedError
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        positions = batch[keys.POSITIONS]
+        if not positions.requires_grad:
+            positions = positions.detach().requires_grad_(True)
+        vectors = edge_vectors(batch, positions)
+        per_atom = self.atomic_outputs(batch, vectors).float() * self.scale
+        per_atom = per_atom + self.atomic_energies[batch[keys.ATOMIC_NUMBERS]]
+        num_structures = batch[keys.NUM_ATOMS].shape[0]
+        energy = torch.zeros(num_structures, dtype=per_atom.dtype, device=per_atom.device)
+        energy = energy.index_add(0, batch[keys.BATCH], per_atom)
+        # create_graph while training so that a force loss reaches the weights.
+        (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=self.training)
+        return {keys.ENERGY: energy, keys.FORCES: -gradient}
+
+
+def cosine_cutoff(distances: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Smooth envelope: 1 at r=0, 0 with zero slope at r=cutoff (and beyond)."""
+    return 0.5 * (torch.cos(torch.pi * distances / cutoff) + 1.0) * (distances < cutoff)
