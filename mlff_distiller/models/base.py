@@ -55,7 +55,8 @@ class AtomisticModel(nn.Module):
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
         vectors = edge_vectors(batch, positions)
-        per_atom = self.atomic_outputs(batch, vectors).float() * self.scale
+        # Reduced in the precision of the positions (float32/64), never in half precision.
+        per_atom = self.atomic_outputs(batch, vectors).to(positions.dtype) * self.scale
         per_atom = per_atom + self.atomic_energies[batch[keys.ATOMIC_NUMBERS]]
         num_structures = batch[keys.NUM_ATOMS].shape[0]
         energy = torch.zeros(num_structures, dtype=per_atom.dtype, device=per_atom.device)
