@@ -1,0 +1,109 @@
+"""Structures with energy and force labels from any ASE-readable file, with neighbour lists."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import keys
+from .neighbors import neighbor_list
+
+
+class DataError(ValueError):
+    """A data file or one of its structures cannot be used; the message names the file and index."""
+
+
+def read_labelled_structures(path: str | os.PathLike[str], energy_key: str | None = None,
+                             forces_key: str | None = None, index: str = ":") -> list[Any]:
+    """Read every structure of ``path`` and check that each has finite energy and forces.
+
+    Labels come from the attached calculator results (extxyz, .traj, ASE db all keep them), or from
+    ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]`` when those keys are given.
+    Returns ASE ``Atoms`` with ``atoms.info["_energy"]`` and ``atoms.arrays["_forces"]`` set.
+    """
+    import ase.io
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file {str(path)!r} does not exist.")
+    try:
+        structures = ase.io.read(path, index=index)
+    except Exception as error:
+        raise DataError(f"Data file {str(path)!r} could not be read by ASE ({type(error).__name__}: {error}).") from error
+    if not isinstance(structures, list):
+        structures = [structures]
+    if not structures:
+        raise DataError(f"Data file {str(path)!r} holds no structures.")
+    for number, atoms in enumerate(structures):
+        where = f"structure {number} of {str(path)!r}"
+        energy = _label(atoms, energy_key, "info", where, "energy")
+        forces = np.asarray(_label(atoms, forces_key, "arrays", where, "forces"), dtype=np.float64)
+        if forces.shape != (len(atoms), 3):
+            raise DataError(f"{where}: forces have shape {forces.shape}, expected ({len(atoms)}, 3).")
+        if not math.isfinite(float(energy)) or not np.isfinite(forces).all():
+            raise DataError(f"{where}: energy or forces are not finite (NaN or inf).")
+        atoms.info["_energy"] = float(energy)
+        atoms.arrays["_forces"] = forces
+    return structures
+
+
+def _label(atoms: Any, key: str | None, where_kind: str, where: str, name: str) -> Any:
+    if key is not None:
+        store = atoms.info if where_kind == "info" else atoms.arrays
+        if key not in store:
+            raise DataError(f"{where} has no {where_kind}[{key!r}] ({name}); it has {sorted(store)}. "
+                            f"Set the data's {name}_key to one of those, or null to use calculator results.")
+        return store[key]
+    calc = atoms.calc
+    if calc is None or name not in getattr(calc, "results", {}):
+        raise DataError(f"{where} has no {name} from a calculator. Set the data's {name}_key to the "
+                        f"atoms.{where_kind} key that holds it (available: {sorted(getattr(atoms, where_kind))}).")
+    return calc.results[name]
+
+
+def atoms_to_graph(atoms: Any, cutoff: float, with_labels: bool = True) -> dict[str, torch.Tensor]:
+    """One structure as the tensors that :func:`~mlff_distiller.data.batch.collate_atoms` expects."""
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    edge_index, shifts = neighbor_list(atoms.positions, cell, pbc, cutoff)
+    graph = {
+        keys.POSITIONS: torch.tensor(atoms.positions, dtype=torch.get_default_dtype()),
+        keys.ATOMIC_NUMBERS: torch.tensor(atoms.numbers, dtype=torch.long),
+        keys.CELL: torch.tensor(cell, dtype=torch.get_default_dtype()),
+        keys.PBC: torch.tensor(pbc),
+        keys.EDGE_INDEX: torch.from_numpy(edge_index),
+        keys.CELL_SHIFTS: torch.from_numpy(shifts).to(torch.get_default_dtype()),
+    }
+    if with_labels:
+        graph[keys.ENERGY] = torch.tensor(atoms.info["_energy"], dtype=torch.get_default_dtype())
+        graph[keys.FORCES] = torch.tensor(atoms.arrays["_forces"], dtype=torch.get_default_dtype())
+    return graph
+
+
+class AtomsDataset(Dataset):
+    """Labelled structures as graphs; neighbour lists are built once, here, since structures never move."""
+
+    def __init__(self, structures: Sequence[Any], cutoff: float) -> None:
+        self.cutoff = cutoff
+        self.graphs = [atoms_to_graph(atoms, cutoff) for atoms in structures]
+        self.config_types = [str(atoms.info.get("config_type", "")) for atoms in structures]
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.graphs[index]
+
+    def subset(self, indices: Sequence[int]) -> AtomsDataset:
+        new = AtomsDataset.__new__(AtomsDataset)
+        new.cutoff = self.cutoff
+        new.graphs = [self.graphs[i] for i in indices]
+        new.config_types = [self.config_types[i] for i in indices]
+        return new
