@@ -1,34 +1,66 @@
-"""Weighted energy + force loss with MAE metrics."""
+"""Weighted energy + force loss, with the error metrics users compare (meV/atom, meV/Å)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import keys
 
+KINDS = ("mse", "huber")
+
 
 class EnergyForceLoss:
-    """``energy_weight * MSE(E) + force_weight * MSE(F)``; also reports MAEs (eV, eV/Å)."""
+    """``energy_weight * L(E) + force_weight * L(F)`` with L = MSE or Huber.
 
-    def __init__(self, energy_weight: float = 1.0, force_weight: float = 10.0) -> None:
+    With ``per_atom_energy`` the energy term compares energies divided by the number of atoms, so
+    structures of different sizes weigh alike. Reported terms (besides ``loss``):
+    ``energy_mae_per_atom``, ``energy_rmse_per_atom`` (meV/atom), ``force_mae``, ``force_rmse``
+    (meV/Å, over force components). RMSEs are of the batch; the Trainer averages them per structure.
+    """
+
+    def __init__(self, energy_weight: float = 1.0, force_weight: float = 10.0, per_atom_energy: bool = True,
+                 kind: str = "mse", huber_delta: float = 0.01) -> None:
         if energy_weight < 0 or force_weight < 0 or energy_weight + force_weight == 0:
-            raise ValueError(
-                f"energy_weight={energy_weight} and force_weight={force_weight} must be >= 0 and not both 0."
-            )
+            raise ValueError(f"energy_weight={energy_weight} and force_weight={force_weight} must be >= 0 "
+                             "and not both 0.")
+        if kind not in KINDS:
+            raise ValueError(f"loss kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
+        if huber_delta <= 0:
+            raise ValueError(f"huber_delta={huber_delta} must be > 0.")
         self.energy_weight = energy_weight
         self.force_weight = force_weight
+        self.per_atom_energy = per_atom_energy
+        self.kind = kind
+        self.huber_delta = huber_delta
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _term(self, error: torch.Tensor) -> torch.Tensor:
+        if self.kind == "huber":
+            return F.huber_loss(error, torch.zeros_like(error), delta=self.huber_delta)
+        return error.pow(2).mean()
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         predicted = model(batch)
-        energy_error = predicted[keys.ENERGY].float() - batch[keys.ENERGY]
-        force_error = predicted[keys.FORCES].float() - batch[keys.FORCES]
-        energy_mse = energy_error.pow(2).mean()
-        force_mse = force_error.pow(2).mean()
-        return {
-            "loss": self.energy_weight * energy_mse + self.force_weight * force_mse,
-            "energy_mse": energy_mse,
-            "force_mse": force_mse,
-            "energy_mae": energy_error.abs().mean(),
-            "force_mae": force_error.abs().mean(),
-        }
+        atoms = _atoms_per_structure(batch)
+        energy_error = (predicted[keys.ENERGY] - batch[keys.ENERGY]) / atoms
+        force_error = predicted[keys.FORCES] - batch[keys.FORCES]
+        energy_for_loss = energy_error if self.per_atom_energy else energy_error * atoms
+        loss = self.energy_weight * self._term(energy_for_loss) + self.force_weight * self._term(force_error)
+        with torch.no_grad():
+            return {
+                "loss": loss,
+                "energy_mae_per_atom": 1e3 * energy_error.abs().mean(),
+                "energy_rmse_per_atom": 1e3 * energy_error.pow(2).mean().sqrt(),
+                "force_mae": 1e3 * force_error.abs().mean(),
+                "force_rmse": 1e3 * force_error.pow(2).mean().sqrt(),
+            }
+
+
+def _atoms_per_structure(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if keys.NUM_ATOMS in batch:
+        return batch[keys.NUM_ATOMS].to(batch[keys.POSITIONS].dtype)
+    positions = batch[keys.POSITIONS]  # fixed-size clusters: (structures, atoms, 3)
+    return torch.full(positions.shape[:1], positions.shape[-2], dtype=positions.dtype, device=positions.device)

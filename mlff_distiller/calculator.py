@@ -1,0 +1,65 @@
+"""`StudentCalculator`: a trained student as an ASE calculator (MD, relaxations, phonons...)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from torch import nn
+
+from .data import keys
+from .data.batch import collate_atoms
+from .data.dataset import atoms_to_graph
+
+
+class StudentCalculator(Calculator):
+    """Energy and forces of a student model through ASE's calculator interface.
+
+    ``StudentCalculator(model)`` wraps a model in memory; ``StudentCalculator.from_checkpoint(path)``
+    rebuilds the student of any ``mlff-train`` run from its ``best_model.pt`` or ``last.pt``
+    (EMA weights when the run kept them).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not hasattr(model, "cutoff"):
+            raise TypeError(f"{type(model).__name__} has no 'cutoff' attribute; StudentCalculator needs an "
+                            "atomistic student (e.g. SchNet, PaiNN).")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)  # only d/dpositions is needed
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                        use_ema: bool = True, **kwargs: Any) -> StudentCalculator:
+        """Rebuild the model described in an ``mlff-train`` checkpoint and load its weights."""
+        from hydra.utils import instantiate
+
+        from .training.checkpoint import CheckpointError, load_checkpoint_file, load_model_weights
+
+        state = load_checkpoint_file(path)
+        model_config = state.get("config", {}).get("extra", {}).get("model_config")
+        if model_config is None:
+            raise CheckpointError(f"Checkpoint {str(path)!r} does not describe its model (no model_config); it "
+                                  "was not written by mlff-train. Build the model yourself and pass it to "
+                                  "StudentCalculator(model).")
+        model = instantiate(model_config)
+        load_model_weights(model, path, use_ema=use_ema)
+        return cls(model, device=device, **kwargs)
+
+    def calculate(self, atoms: Any = None, properties: Any = ("energy",), system_changes: Any = all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        graph = atoms_to_graph(self.atoms, self.model.cutoff, with_labels=False)
+        batch = collate_atoms([graph]).to(self.device, dtype=self.dtype)
+        with torch.enable_grad():
+            output = self.model(batch)
+        energy = float(output[keys.ENERGY].detach().sum())
+        self.results = {"energy": energy, "free_energy": energy,
+                        "forces": output[keys.FORCES].detach().cpu().double().numpy()}
