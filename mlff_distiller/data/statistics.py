@@ -26,7 +26,7 @@ class DatasetStatistics:
                 "avg_num_neighbors": self.avg_num_neighbors, "num_structures": self.num_structures}
 
 
-def compute_statistics(structures: Iterable[Mapping[str, "np.ndarray | object"]]) -> DatasetStatistics:
+def compute_statistics(structures: Iterable[Mapping[str, np.ndarray | object]]) -> DatasetStatistics:
     """Statistics over per-structure dicts holding atomic_numbers, energy, forces and edge_index.
 
     Reference energies solve min ||counts @ e - E||² (counts: atoms of each element per structure);

@@ -1,0 +1,339 @@
+"""The built-in dataset: periodic Cu-Au fcc alloy cells, generated once and labelled by a teacher.
+
+:func:`generate_alloy_structures` mixes rattled + strained cells with snapshots of short Langevin MD runs
+(driven by EMT) at several temperatures; everything is seeded and deterministic. :func:`build_default_dataset`
+labels them with a teacher and caches the result under a hash of its configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+"""Bump when the recipe changes so cached datasets are rebuilt."""
+
+LATTICE_CONSTANTS = {"Cu": 3.61, "Au": 4.08, "Ag": 4.09, "Ni": 3.52, "Pd": 3.89, "Pt": 3.92, "Al": 4.05}
+"""Experimental fcc lattice constants, Å (elements EMT knows)."""
+
+
+def default_cache_dir() -> Path:
+    """``${XDG_CACHE_HOME:-~/.cache}/mlff_distiller/datasets``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlff_distiller" / "datasets"
+
+
+def _random_strain(rng: np.random.Generator, strain_max: float) -> np.ndarray:
+    """I + symmetric strain with components uniform in [-strain_max, strain_max]."""
+    strain = rng.uniform(-strain_max, strain_max, size=(3, 3))
+    return np.eye(3) + 0.5 * (strain + strain.T)
+
+
+def _random_alloy(
+    rng: np.random.Generator,
+    elements: tuple[str, str],
+    fraction_range: tuple[float, float],
+    supercell: tuple[int, int, int],
+    strain_max: float,
+) -> Atoms:
+    """A cubic fcc supercell with a random fraction of ``elements[1]``, Vegard lattice constant, random strain."""
+    from ase.build import bulk
+    from ase.data import atomic_numbers
+
+    host, solute = elements
+    atoms = bulk(host, "fcc", a=1.0, cubic=True).repeat(supercell)
+    n = len(atoms)
+    fraction = rng.uniform(*fraction_range)
+    n_solute = int(round(fraction * n))
+    numbers = atoms.numbers.copy()
+    numbers[rng.permutation(n)[:n_solute]] = atomic_numbers[solute]
+    atoms.numbers = numbers
+    x = n_solute / n
+    lattice = (1 - x) * LATTICE_CONSTANTS[host] + x * LATTICE_CONSTANTS[solute]
+    cell = atoms.cell.array * lattice @ _random_strain(rng, strain_max)
+    atoms.set_cell(cell, scale_atoms=True)
+    return atoms
+
+
+def _fresh(atoms: Atoms, **info: Any) -> Atoms:
+    """Copy of ``atoms`` without calculator, velocities or constraints; positions wrapped into the cell."""
+    from ase import Atoms as AseAtoms
+
+    out = AseAtoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    out.wrap()
+    out.info.update(info)
+    return out
+
+
+def _md_snapshots(
+    atoms: Atoms,
+    rng: np.random.Generator,
+    temperature: float,
+    count: int,
+    timestep_fs: float,
+    friction_per_fs: float,
+    equilibration_steps: int,
+    interval: int,
+) -> list[Atoms]:
+    from ase import units
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    # Maxwell-Boltzmann momenta (written out: ASE renamed its helper in 3.29), centre-of-mass motion removed.
+    masses = atoms.get_masses()[:, None]
+    momenta = rng.standard_normal((len(atoms), 3)) * np.sqrt(masses * units.kB * temperature)
+    momenta -= masses * (momenta.sum(0) / masses.sum())
+    atoms.set_momenta(momenta)
+    atoms.set_constraint(FixCom())  # ASE's recommended replacement for Langevin(fixcm=True)
+    dynamics = Langevin(
+        atoms,
+        timestep=timestep_fs * units.fs,
+        temperature_K=temperature,
+        friction=friction_per_fs / units.fs,
+        fixcm=False,
+        rng=rng,
+    )
+    dynamics.run(equilibration_steps)
+    snapshots = []
+    for _ in range(count):
+        dynamics.run(interval)
+        snapshots.append(atoms.copy())
+    return snapshots
+
+
+def generate_alloy_structures(
+    num_structures: int,
+    seed: int = 0,
+    elements: Sequence[str] = ("Cu", "Au"),
+    fraction_range: Sequence[float] = (0.0, 0.5),
+    supercell: Sequence[int] = (2, 2, 2),
+    rattle_std: float = 0.1,
+    strain_max: float = 0.03,
+    md_fraction: float = 0.5,
+    temperatures: Sequence[float] = (300, 600, 900, 1200),
+    snapshots_per_run: int = 10,
+    timestep_fs: float = 4.0,
+    friction_per_fs: float = 0.02,
+    equilibration_steps: int = 50,
+    snapshot_interval: int = 15,
+    shuffle: bool = True,
+) -> list[Atoms]:
+    """``num_structures`` periodic fcc alloy cells (32 atoms for the default 2x2x2 cubic supercell).
+
+    Each cell draws the fraction of ``elements[1]`` uniformly from ``fraction_range``, places it on random
+    sites, takes its lattice constant from Vegard's law and applies a random symmetric strain (components up
+    to ``strain_max``). A fraction ``1 - md_fraction`` of them are then rattled (Gaussian, ``rattle_std`` Å
+    per component; ``info['config_type'] = 'rattle'``); the rest are snapshots of Langevin MD runs with EMT
+    (``timestep_fs``, one snapshot every ``snapshot_interval`` steps after ``equilibration_steps``), the runs
+    cycling through ``temperatures`` (``config_type`` e.g. ``'md_600K'``, plus ``md_run`` and ``md_snapshot``).
+    ``info`` also holds ``fraction_<element>`` and ``generator_index`` (position before shuffling).
+    Seeded and deterministic; with ``shuffle`` the list is permuted (seeded) so that contiguous splits mix
+    the kinds of structures.
+    """
+    if num_structures < 0:
+        raise ValueError(f"num_structures must be non-negative, got {num_structures}.")
+    if not 0.0 <= md_fraction <= 1.0:
+        raise ValueError(f"md_fraction must be in [0, 1], got {md_fraction}.")
+    if len(elements) != 2 or any(e not in LATTICE_CONSTANTS for e in elements):
+        raise ValueError(f"elements must be two of {sorted(LATTICE_CONSTANTS)}, got {list(elements)}.")
+    elements = (str(elements[0]), str(elements[1]))
+    fraction_range = (float(fraction_range[0]), float(fraction_range[1]))
+    supercell = (int(supercell[0]), int(supercell[1]), int(supercell[2]))
+    temperatures = [float(t) for t in temperatures]
+    if md_fraction > 0 and not temperatures:
+        raise ValueError("md_fraction > 0 needs at least one temperature.")
+
+    n_md = int(round(md_fraction * num_structures))
+    n_rattle = num_structures - n_md
+    n_runs = -(-n_md // snapshots_per_run) if n_md else 0
+    streams = np.random.SeedSequence([GENERATOR_VERSION, seed]).spawn(n_rattle + n_runs + 1)
+
+    structures: list[Atoms] = []
+    solute_key = f"fraction_{elements[1]}"
+    for k in range(n_rattle):
+        rng = np.random.default_rng(streams[k])
+        atoms = _random_alloy(rng, elements, fraction_range, supercell, strain_max)
+        atoms.positions += rng.normal(0.0, rattle_std, size=atoms.positions.shape)
+        fraction = float(np.mean(atoms.symbols == elements[1]))
+        structures.append(_fresh(atoms, config_type="rattle", **{solute_key: fraction}))
+
+    remaining = n_md
+    for run in range(n_runs):
+        rng = np.random.default_rng(streams[n_rattle + run])
+        temperature = temperatures[run % len(temperatures)]
+        count = min(snapshots_per_run, remaining)
+        remaining -= count
+        atoms = _random_alloy(rng, elements, fraction_range, supercell, strain_max)
+        fraction = float(np.mean(atoms.symbols == elements[1]))
+        snapshots = _md_snapshots(
+            atoms, rng, temperature, count, timestep_fs, friction_per_fs, equilibration_steps, snapshot_interval
+        )
+        for i, snapshot in enumerate(snapshots):
+            info = {"config_type": f"md_{temperature:g}K", "md_run": run, "md_snapshot": i, solute_key: fraction}
+            structures.append(_fresh(snapshot, **info))
+
+    for index, atoms in enumerate(structures):
+        atoms.info["generator_index"] = index
+    if shuffle:
+        order = np.random.default_rng(streams[-1]).permutation(len(structures))
+        structures = [structures[i] for i in order]
+    return structures
+
+
+def _dataset_config(num_structures: int, seed: int, teacher: str, teacher_kwargs: dict, generator_kwargs: dict) -> dict:
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(generate_alloy_structures).parameters.items()
+        if parameter.default is not inspect.Parameter.empty and name != "seed"
+    }
+    unknown = set(generator_kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"Unknown generator options {sorted(unknown)}; accepted: {sorted(defaults)}.")
+    generator = {**defaults, **generator_kwargs}
+    config = {
+        "dataset": "fcc_alloy",
+        "generator_version": GENERATOR_VERSION,
+        "num_structures": int(num_structures),
+        "seed": int(seed),
+        "teacher": str(teacher),
+        "teacher_kwargs": dict(teacher_kwargs),
+        "generator": generator,
+    }
+    # JSON round trip: tuples become lists, so the hash depends on values, not on container types.
+    return json.loads(json.dumps(config, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if hasattr(value, "items"):  # e.g. an OmegaConf DictConfig
+        return dict(value.items())
+    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
+        return list(value)
+    raise TypeError(f"{value!r} cannot be part of a dataset configuration (it must be JSON-serialisable).")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (POSIX ``flock``; no-op where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cross-process lock; the atomic rename still protects the result
+        yield
+        return
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _is_complete(path: Path, sidecar: Path, config: dict) -> bool:
+    if not (path.exists() and sidecar.exists()):
+        return False
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("config") != config or meta.get("bytes") != path.stat().st_size:
+        log.warning("%s does not match its sidecar %s; rebuilding it.", path, sidecar)
+        return False
+    return True
+
+
+def _announce(message: str, progress: bool) -> None:
+    log.info(message)
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def build_default_dataset(
+    cache_dir: str | os.PathLike[str] | None = None,
+    num_structures: int = 1100,
+    seed: int = 0,
+    teacher: str = "emt",
+    teacher_kwargs: dict[str, Any] | None = None,
+    chunk_size: int = 50,
+    progress: bool = True,
+    **generator_kwargs: Any,
+) -> Path:
+    """Generate the Cu-Au alloy set, label it with ``teacher`` once, and return the cached extended-XYZ file.
+
+    The file is ``<cache_dir>/<elements>_<teacher>_<hash12>.extxyz`` (default ``cache_dir``:
+    :func:`default_cache_dir`), where the hash covers every setting (including the generator's defaults and
+    version); a JSON sidecar with the same stem holds that configuration. A complete file is returned
+    without calling the teacher. Labelling goes to ``<stem>.partial.extxyz`` and resumes from it after an
+    interruption; only a complete set is renamed (atomically) to the final name, and a file lock keeps
+    concurrent builders of the same set from interleaving.
+    """
+    from .calculators import make_calculator
+    from .labelling import label_structures
+
+    teacher_kwargs = dict(teacher_kwargs or {})
+    config = _dataset_config(num_structures, seed, teacher, teacher_kwargs, generator_kwargs)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    elements = "".join(e.lower() for e in config["generator"]["elements"])
+    teacher_tag = "".join(c if c.isalnum() else "_" for c in str(teacher).lower())
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stem = f"{elements}_{teacher_tag}_{key}"
+    path, sidecar = directory / f"{stem}.extxyz", directory / f"{stem}.json"
+
+    if _is_complete(path, sidecar, config):
+        _announce(f"Using cached dataset {path}", progress)
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory / f"{stem}.lock"):
+        if _is_complete(path, sidecar, config):  # another process finished it while we waited
+            _announce(f"Using cached dataset {path}", progress)
+            return path
+        started = time.perf_counter()
+        _announce(f"Building dataset ({num_structures} structures, teacher {teacher!r}) -> {path}", progress)
+        structures = generate_alloy_structures(num_structures, seed, **config["generator"])
+        generated = time.perf_counter()
+        partial = directory / f"{stem}.partial.extxyz"
+        calculator = make_calculator(teacher, **teacher_kwargs)
+        label_structures(structures, calculator, partial, chunk_size=chunk_size, progress=progress)
+        labelled = time.perf_counter()
+        meta = {
+            "config": config,
+            "file": path.name,
+            "bytes": partial.stat().st_size,
+            "sha256": _sha256(partial),
+            "seconds_generate": round(generated - started, 2),
+            "seconds_label": round(labelled - generated, 2),
+        }
+        temporary = directory / f"{stem}.json.tmp"
+        temporary.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, sidecar)
+        os.replace(partial, path)  # the commit: the final name appears only for a complete set
+        timing = f"generated in {generated - started:.1f} s, labelled in {labelled - generated:.1f} s"
+        _announce(f"Dataset ready: {path} ({timing})", progress)
+    return path
