@@ -65,13 +65,17 @@ def train(cfg: DictConfig) -> float | None:
     from mlff_distiller.training.trainer import seed_everything
 
     output_dir = Path(cfg.paths.output_dir)
-    run_config = OmegaConf.to_container(cfg, resolve=False)
-    training_config.extra = {"run_config": run_config, "overrides": overrides}
+    training_config.extra = {
+        "run_config": OmegaConf.to_container(cfg, resolve=False),
+        "model_config": OmegaConf.to_container(cfg.model, resolve=True),  # rebuilds the student later
+        "overrides": overrides,
+    }
 
     if cfg.seed is not None:
         seed_everything(cfg.seed)  # model initialisation and data generation are reproducible too
     data = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    statistics = getattr(data, "statistics", None)
+    model = instantiate(cfg.model, **({"statistics": statistics} if statistics is not None else {}))
     loss = instantiate(cfg.loss)
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
@@ -95,19 +99,50 @@ def train(cfg: DictConfig) -> float | None:
         )
     history = trainer.fit()
 
-    metrics = {name: values[-1] for name, values in history.items() if values}
-    metrics.update(
-        {
-            "best/" + trainer.monitor: trainer.best_metric,
-            "best/epoch": trainer.best_epoch,
-            "global_step": trainer.global_step,
-        }
-    )
+    metrics: dict[str, Any] = {name: values[-1] for name, values in history.items() if values}
+    metrics.update({"best/" + trainer.monitor: trainer.best_metric, "best/epoch": trainer.best_epoch,
+                    "global_step": trainer.global_step})
+    metrics.update(_evaluate_test_split(trainer, data))
     _write_json(output_dir / "metrics.json", metrics)
     log.info(
         "Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch, output_dir
     )
     return trainer.best_metric
+
+
+def _evaluate_test_split(trainer: Any, data: Any) -> dict[str, float]:
+    """Evaluate the best checkpoint (EMA weights when kept) on the test split and print a table."""
+    test_loader = data.test_loader() if hasattr(data, "test_loader") else None
+    best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
+    if test_loader is None or best is None or not best.is_file():
+        return {}
+    from mlff_distiller.training import load_checkpoint_file
+
+    trainer.load_state_dict(load_checkpoint_file(best), source=str(best))
+    results = trainer.evaluate(test_loader, prefix="test")
+    if hasattr(data, "force_std"):
+        results["test/force_std"] = 1e3 * data.force_std("test")
+    _print_table(results, f"Test split: {len(data.datasets['test'])} structures, best model (epoch {trainer.epoch})")
+    return results
+
+
+UNITS = {"energy_mae_per_atom": "meV/atom", "energy_rmse_per_atom": "meV/atom", "force_mae": "meV/Å",
+         "force_rmse": "meV/Å", "force_std": "meV/Å"}
+
+
+def _print_table(results: dict[str, float], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    for name, value in results.items():
+        table.add_row(name, f"{value:.4g}", UNITS.get(name.split("/", 1)[-1], ""))
+    Console(stderr=True).print(table)
+    for name, value in results.items():
+        log.info("%s = %.6g %s", name, value, UNITS.get(name.split("/", 1)[-1], ""))
 
 
 def _reject_group_owned_overrides(overrides: list[str]) -> None:

@@ -15,7 +15,7 @@ import mlff_distiller.train  # noqa: F401  (registers the trainer schema)
 from mlff_distiller.training import ConfigError, Trainer, TrainingConfig
 
 CONF = files("mlff_distiller.conf")
-GROUPS = ("model", "data", "loss", "optimizer", "scheduler", "trainer", "logger", "experiment")
+GROUPS = ("model", "data", "loss", "optimizer", "scheduler", "trainer", "logger", "experiment", "teacher")
 
 
 def options(group: str) -> list[str]:
@@ -25,6 +25,15 @@ def options(group: str) -> list[str]:
 def compose_cfg(tmp_path: Path, *overrides: str):
     with initialize_config_module(config_module="mlff_distiller.conf", version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={tmp_path}", "experiment=smoke", *overrides])
+
+
+@pytest.fixture(scope="module")
+def smoke_file(tmp_path_factory) -> Path:
+    """The smoke dataset as a plain extxyz file, for data=file."""
+    from mlff_distiller.teachers.generate import build_default_dataset
+
+    return build_default_dataset(num_structures=48, seed=0, progress=False)
+
 
 
 def test_required_groups_and_options_exist():
@@ -37,12 +46,16 @@ def test_required_groups_and_options_exist():
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes_and_instantiates(tmp_path, group, option):
-    cfg = compose_cfg(tmp_path, f"{group}={option}")
+def test_every_option_composes_and_instantiates(tmp_path, smoke_file, group, option):
+    extra = [f"data.path={smoke_file}", "data.num_val=8", "data.num_test=8"] if (group, option) == ("data", "file") else []
+    cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
     training_config = OmegaConf.to_object(cfg.trainer)
     assert isinstance(training_config, TrainingConfig)
-    model = instantiate(cfg.model)
+    if group == "teacher":
+        check_teacher(cfg)
+        return
     data = instantiate(cfg.data)
+    model = instantiate(cfg.model, statistics=data.statistics)
     loss = instantiate(cfg.loss)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.trainer.learning_rate)
@@ -58,19 +71,31 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         assert Path(logger.log_dir).is_relative_to(tmp_path)
 
 
+def check_teacher(cfg) -> None:
+    """A teacher option builds its calculator, or says how to install it."""
+    from mlff_distiller.teachers.calculators import TeacherUnavailableError, make_calculator, teacher_available
+
+    if teacher_available(cfg.teacher.name) and cfg.teacher.name != "mace_mp":
+        assert hasattr(make_calculator(cfg.teacher.name, **cfg.teacher.kwargs), "get_potential_energy")
+    elif not teacher_available(cfg.teacher.name):
+        with pytest.raises(TeacherUnavailableError, match="pip install"):
+            make_calculator(cfg.teacher.name, **cfg.teacher.kwargs)
+
+
 def test_shared_values_are_interpolated_once(tmp_path):
     cfg = compose_cfg(tmp_path, "monitor=val/force_mae", "mode=max", "cutoff=3.5", "scheduler=plateau")
     assert cfg.trainer.monitor == "val/force_mae"
     assert cfg.trainer.mode == "max" and cfg.scheduler.mode == "max"
-    assert cfg.model.cutoff == 3.5
+    assert cfg.model.cutoff == cfg.data.cutoff == 3.5
     assert cfg.optimizer.lr == cfg.trainer.learning_rate
-    assert cfg.data.batch_size == cfg.trainer.batch_size == 16  # from experiment=smoke
+    assert cfg.data.batch_size == cfg.trainer.batch_size == 8  # from experiment=smoke
+    assert cfg.data.source.seed == cfg.seed
 
 
 def test_smoke_experiment_overrides_defaults(tmp_path):
     cfg = compose_cfg(tmp_path)
     assert cfg.trainer.max_epochs == 2
-    assert cfg.data.num_train == 64
+    assert cfg.data.source.num_structures == 48
 
 
 def test_invalid_value_is_a_config_error(tmp_path):
@@ -95,4 +120,4 @@ def test_composed_job_trains(tmp_path):
         loggers=[],
     )
     history = trainer.fit()
-    assert history["val/loss"][-1] < 0.7 * history["val/loss"][0]
+    assert history["val/force_mae"][-1] < 0.9 * history["val/force_mae"][0]

@@ -22,7 +22,7 @@ class AtomsDataModule:
     """Train/validation/test loaders of labelled structures.
 
     Args:
-        path: any ASE-readable file with energies and forces; or None with ``source``.
+        path: any ASE-readable file with energies and forces; when given, ``source`` is not used.
         source: a callable returning such a path (e.g. the built-in teacher-labelled generator).
         cutoff: neighbour-list cutoff, Å (the model's cutoff).
         num_val, num_test: structures held out (seeded random split); the rest trains,
@@ -35,13 +35,13 @@ class AtomsDataModule:
                  cutoff: float = 5.0, num_val: int = 100, num_test: int = 200, num_train: int | None = None,
                  batch_size: int = 16, val_batch_size: int | None = None, seed: int = 0, num_workers: int = 0,
                  energy_key: str | None = None, forces_key: str | None = None) -> None:
-        if (path is None) == (source is None):
-            raise DataError("Give exactly one of data.path (an ASE-readable file) and data.source "
-                            f"(a generator); got path={path!r}, source={source!r}.")
+        if path is None and not callable(source):
+            raise DataError("Give data.path (an ASE-readable file with energies and forces) or data.source (a "
+                            f"generator that returns one); got path={path!r}, source={source!r}.")
         if num_val < 1 or num_test < 0 or (num_train is not None and num_train < 1):
             raise DataError(f"num_val={num_val} must be >= 1, num_test={num_test} >= 0 and num_train={num_train} "
                             ">= 1 or null.")
-        self.path = Path(path) if path is not None else Path(source())
+        self.path = Path(path) if path is not None else Path(source())  # type: ignore[misc]
         structures = read_labelled_structures(self.path, energy_key, forces_key)
         available = len(structures) - num_val - num_test
         if available < 1:
