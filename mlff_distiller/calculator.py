@@ -24,12 +24,15 @@ class StudentCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if not hasattr(model, "cutoff"):
-            raise TypeError(f"{type(model).__name__} has no 'cutoff' attribute; StudentCalculator needs an "
-                            "atomistic student (e.g. SchNet, PaiNN).")
+            raise TypeError(
+                f"{type(model).__name__} has no 'cutoff' attribute; StudentCalculator needs an "
+                "atomistic student (e.g. SchNet, PaiNN)."
+            )
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
@@ -37,8 +40,9 @@ class StudentCalculator(Calculator):
             parameter.requires_grad_(False)  # only d/dpositions is needed
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                        use_ema: bool = True, **kwargs: Any) -> StudentCalculator:
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], device: str | torch.device = "cpu", use_ema: bool = True, **kwargs: Any
+    ) -> StudentCalculator:
         """Rebuild the model described in an ``mlff-train`` checkpoint and load its weights."""
         from hydra.utils import instantiate
 
@@ -47,9 +51,11 @@ class StudentCalculator(Calculator):
         state = load_checkpoint_file(path)
         model_config = state.get("config", {}).get("extra", {}).get("model_config")
         if model_config is None:
-            raise CheckpointError(f"Checkpoint {str(path)!r} does not describe its model (no model_config); it "
-                                  "was not written by mlff-train. Build the model yourself and pass it to "
-                                  "StudentCalculator(model).")
+            raise CheckpointError(
+                f"Checkpoint {str(path)!r} does not describe its model (no model_config); it "
+                "was not written by mlff-train. Build the model yourself and pass it to "
+                "StudentCalculator(model)."
+            )
         model = instantiate(model_config)
         load_model_weights(model, path, use_ema=use_ema)
         return cls(model, device=device, **kwargs)
@@ -61,5 +67,8 @@ class StudentCalculator(Calculator):
         with torch.enable_grad():
             output = self.model(batch)
         energy = float(output[keys.ENERGY].detach().sum())
-        self.results = {"energy": energy, "free_energy": energy,
-                        "forces": output[keys.FORCES].detach().cpu().double().numpy()}
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": output[keys.FORCES].detach().cpu().double().numpy(),
+        }

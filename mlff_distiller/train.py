@@ -100,8 +100,13 @@ def train(cfg: DictConfig) -> float | None:
     history = trainer.fit()
 
     metrics: dict[str, Any] = {name: values[-1] for name, values in history.items() if values}
-    metrics.update({"best/" + trainer.monitor: trainer.best_metric, "best/epoch": trainer.best_epoch,
-                    "global_step": trainer.global_step})
+    metrics.update(
+        {
+            "best/" + trainer.monitor: trainer.best_metric,
+            "best/epoch": trainer.best_epoch,
+            "global_step": trainer.global_step,
+        }
+    )
     metrics.update(_evaluate_test_split(trainer, data))
     _write_json(output_dir / "metrics.json", metrics)
     log.info(
@@ -126,8 +131,13 @@ def _evaluate_test_split(trainer: Any, data: Any) -> dict[str, float]:
     return results
 
 
-UNITS = {"energy_mae_per_atom": "meV/atom", "energy_rmse_per_atom": "meV/atom", "force_mae": "meV/Å",
-         "force_rmse": "meV/Å", "force_std": "meV/Å"}
+UNITS = {
+    "energy_mae_per_atom": "meV/atom",
+    "energy_rmse_per_atom": "meV/atom",
+    "force_mae": "meV/Å",
+    "force_rmse": "meV/Å",
+    "force_std": "meV/Å",
+}
 
 
 def _print_table(results: dict[str, float], title: str) -> None:

@@ -35,7 +35,6 @@ def smoke_file(tmp_path_factory) -> Path:
     return build_default_dataset(num_structures=48, seed=0, progress=False)
 
 
-
 def test_required_groups_and_options_exist():
     assert {"adam", "adamw", "sgd"} <= set(options("optimizer"))
     assert {"cosine", "step", "plateau", "none"} <= set(options("scheduler"))
@@ -47,7 +46,9 @@ def test_required_groups_and_options_exist():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_instantiates(tmp_path, smoke_file, group, option):
-    extra = [f"data.path={smoke_file}", "data.num_val=8", "data.num_test=8"] if (group, option) == ("data", "file") else []
+    extra = (
+        [f"data.path={smoke_file}", "data.num_val=8", "data.num_test=8"] if (group, option) == ("data", "file") else []
+    )
     cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
     training_config = OmegaConf.to_object(cfg.trainer)
     assert isinstance(training_config, TrainingConfig)

@@ -63,8 +63,18 @@ def test_one_epoch_run_writes_every_artifact(tmp_path):
 def test_default_job_runs_end_to_end_and_learns(tmp_path):
     """The built-in default job (generate + label with the EMT teacher, train the default student,
     test) at a reduced size: the validation force error falls and the student beats zero forces."""
-    ok(run(["data.source.num_structures=120", "data.num_val=10", "data.num_test=10", "trainer.max_epochs=4",
-            "hydra.run.dir=run"], tmp_path))
+    ok(
+        run(
+            [
+                "data.source.num_structures=120",
+                "data.num_val=10",
+                "data.num_test=10",
+                "trainer.max_epochs=4",
+                "hydra.run.dir=run",
+            ],
+            tmp_path,
+        )
+    )
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     history = load(tmp_path / "run/checkpoints/last.pt")["history"]
     assert metrics["epoch"] == 4

@@ -58,7 +58,9 @@ class AtomsBatch(Mapping[str, torch.Tensor]):
         return AtomsBatch({**self._tensors, **tensors})
 
     def __repr__(self) -> str:
-        return f"AtomsBatch(structures={len(self)}, atoms={self.num_atoms_total}, edges={self[keys.EDGE_INDEX].shape[1]})"
+        return (
+            f"AtomsBatch(structures={len(self)}, atoms={self.num_atoms_total}, edges={self[keys.EDGE_INDEX].shape[1]})"
+        )
 
 
 def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:

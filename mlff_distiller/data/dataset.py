@@ -20,8 +20,9 @@ class DataError(ValueError):
     """A data file or one of its structures cannot be used; the message names the file and index."""
 
 
-def read_labelled_structures(path: str | os.PathLike[str], energy_key: str | None = None,
-                             forces_key: str | None = None, index: str = ":") -> list[Any]:
+def read_labelled_structures(
+    path: str | os.PathLike[str], energy_key: str | None = None, forces_key: str | None = None, index: str = ":"
+) -> list[Any]:
     """Read every structure of ``path`` and check that each has finite energy and forces.
 
     Labels come from the attached calculator results (extxyz, .traj, ASE db all keep them), or from
@@ -36,7 +37,9 @@ def read_labelled_structures(path: str | os.PathLike[str], energy_key: str | Non
     try:
         structures = ase.io.read(path, index=index)
     except Exception as error:
-        raise DataError(f"Data file {str(path)!r} could not be read by ASE ({type(error).__name__}: {error}).") from error
+        raise DataError(
+            f"Data file {str(path)!r} could not be read by ASE ({type(error).__name__}: {error})."
+        ) from error
     if not isinstance(structures, list):
         structures = [structures]
     if not structures:
@@ -58,13 +61,17 @@ def _label(atoms: Any, key: str | None, where_kind: str, where: str, name: str) 
     if key is not None:
         store = atoms.info if where_kind == "info" else atoms.arrays
         if key not in store:
-            raise DataError(f"{where} has no {where_kind}[{key!r}] ({name}); it has {sorted(store)}. "
-                            f"Set the data's {name}_key to one of those, or null to use calculator results.")
+            raise DataError(
+                f"{where} has no {where_kind}[{key!r}] ({name}); it has {sorted(store)}. "
+                f"Set the data's {name}_key to one of those, or null to use calculator results."
+            )
         return store[key]
     calc = atoms.calc
     if calc is None or name not in getattr(calc, "results", {}):
-        raise DataError(f"{where} has no {name} from a calculator. Set the data's {name}_key to the "
-                        f"atoms.{where_kind} key that holds it (available: {sorted(getattr(atoms, where_kind))}).")
+        raise DataError(
+            f"{where} has no {name} from a calculator. Set the data's {name}_key to the "
+            f"atoms.{where_kind} key that holds it (available: {sorted(getattr(atoms, where_kind))})."
+        )
     return calc.results[name]
 
 

@@ -31,27 +31,43 @@ class AtomsDataModule:
             the calculator results stored in the file.
     """
 
-    def __init__(self, path: str | None = None, source: Callable[[], str | Path] | None = None,
-                 cutoff: float = 5.0, num_val: int = 100, num_test: int = 200, num_train: int | None = None,
-                 batch_size: int = 16, val_batch_size: int | None = None, seed: int = 0, num_workers: int = 0,
-                 energy_key: str | None = None, forces_key: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        source: Callable[[], str | Path] | None = None,
+        cutoff: float = 5.0,
+        num_val: int = 100,
+        num_test: int = 200,
+        num_train: int | None = None,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        energy_key: str | None = None,
+        forces_key: str | None = None,
+    ) -> None:
         if path is None and not callable(source):
-            raise DataError("Give data.path (an ASE-readable file with energies and forces) or data.source (a "
-                            f"generator that returns one); got path={path!r}, source={source!r}.")
+            raise DataError(
+                "Give data.path (an ASE-readable file with energies and forces) or data.source (a "
+                f"generator that returns one); got path={path!r}, source={source!r}."
+            )
         if num_val < 1 or num_test < 0 or (num_train is not None and num_train < 1):
-            raise DataError(f"num_val={num_val} must be >= 1, num_test={num_test} >= 0 and num_train={num_train} "
-                            ">= 1 or null.")
+            raise DataError(
+                f"num_val={num_val} must be >= 1, num_test={num_test} >= 0 and num_train={num_train} >= 1 or null."
+            )
         self.path = Path(path) if path is not None else Path(source())  # type: ignore[misc]
         structures = read_labelled_structures(self.path, energy_key, forces_key)
         available = len(structures) - num_val - num_test
         if available < 1:
-            raise DataError(f"{str(self.path)!r} holds {len(structures)} structures: too few for num_val={num_val} "
-                            f"and num_test={num_test} with at least one left to train on.")
+            raise DataError(
+                f"{str(self.path)!r} holds {len(structures)} structures: too few for num_val={num_val} "
+                f"and num_test={num_test} with at least one left to train on."
+            )
         order = np.random.default_rng(seed).permutation(len(structures))
         self.split_indices = {
             "val": order[:num_val].tolist(),
-            "test": order[num_val:num_val + num_test].tolist(),
-            "train": order[num_val + num_test:][: num_train or available].tolist(),
+            "test": order[num_val : num_val + num_test].tolist(),
+            "train": order[num_val + num_test :][: num_train or available].tolist(),
         }
         dataset = AtomsDataset(structures, cutoff)
         self.datasets = {name: dataset.subset(idx) for name, idx in self.split_indices.items()}
@@ -60,15 +76,25 @@ class AtomsDataModule:
         self.val_batch_size = val_batch_size or batch_size
         self.seed = seed
         self.num_workers = num_workers
-        log.info("Data %s: %s structures (train/val/test), %.1f neighbours per atom within %.2f Å", self.path,
-                 "/".join(str(len(self.datasets[s])) for s in ("train", "val", "test")),
-                 self.statistics.avg_num_neighbors, cutoff)
+        log.info(
+            "Data %s: %s structures (train/val/test), %.1f neighbours per atom within %.2f Å",
+            self.path,
+            "/".join(str(len(self.datasets[s])) for s in ("train", "val", "test")),
+            self.statistics.avg_num_neighbors,
+            cutoff,
+        )
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, collate_fn=collate_atoms,
-                          num_workers=self.num_workers, generator=generator,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=collate_atoms,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_loader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)

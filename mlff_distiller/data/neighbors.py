@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def neighbor_list(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Directed pairs (both i->j and j->i) with |r_ij| < cutoff and their integer cell shifts.
 
     Returns ``edge_index`` (2, E) int64 and ``cell_shifts`` (E, 3) int64 such that

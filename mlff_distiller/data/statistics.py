@@ -21,9 +21,13 @@ class DatasetStatistics:
     num_structures: int = 0
 
     def to_dict(self) -> dict:
-        return {"atomic_energies": {int(k): float(v) for k, v in self.atomic_energies.items()},
-                "force_rms": self.force_rms, "energy_residual_std_per_atom": self.energy_residual_std_per_atom,
-                "avg_num_neighbors": self.avg_num_neighbors, "num_structures": self.num_structures}
+        return {
+            "atomic_energies": {int(k): float(v) for k, v in self.atomic_energies.items()},
+            "force_rms": self.force_rms,
+            "energy_residual_std_per_atom": self.energy_residual_std_per_atom,
+            "avg_num_neighbors": self.avg_num_neighbors,
+            "num_structures": self.num_structures,
+        }
 
 
 def compute_statistics(structures: Iterable[Mapping[str, np.ndarray | object]]) -> DatasetStatistics:

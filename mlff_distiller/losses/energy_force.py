@@ -22,11 +22,18 @@ class EnergyForceLoss:
     (meV/Å, over force components). RMSEs are of the batch; the Trainer averages them per structure.
     """
 
-    def __init__(self, energy_weight: float = 1.0, force_weight: float = 10.0, per_atom_energy: bool = True,
-                 kind: str = "mse", huber_delta: float = 0.01) -> None:
+    def __init__(
+        self,
+        energy_weight: float = 1.0,
+        force_weight: float = 10.0,
+        per_atom_energy: bool = True,
+        kind: str = "mse",
+        huber_delta: float = 0.01,
+    ) -> None:
         if energy_weight < 0 or force_weight < 0 or energy_weight + force_weight == 0:
-            raise ValueError(f"energy_weight={energy_weight} and force_weight={force_weight} must be >= 0 "
-                             "and not both 0.")
+            raise ValueError(
+                f"energy_weight={energy_weight} and force_weight={force_weight} must be >= 0 and not both 0."
+            )
         if kind not in KINDS:
             raise ValueError(f"loss kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
         if huber_delta <= 0:

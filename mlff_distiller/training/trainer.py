@@ -689,17 +689,19 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def infer_batch_size(batch: Any) -> int:
-    """Leading dimension of the first tensor in ``batch`` (1 when there is none)."""
+    """Samples in ``batch``: ``len(batch)`` for a batch class of its own (e.g. structures in an
+    atomistic batch), else the leading dimension of the first tensor inside (1 when there is none)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() > 0 else 1
-    if isinstance(batch, Mapping):
-        values: Iterable[Any] = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    else:
-        return len(batch) if hasattr(batch, "__len__") else 1
+    if not isinstance(batch, (dict, list, tuple, str, bytes)) and hasattr(batch, "__len__"):
+        return len(batch)
+    values: Iterable[Any] = (
+        batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    )
     for value in values:
-        if isinstance(value, (torch.Tensor, Mapping, list, tuple)):
+        if isinstance(value, (torch.Tensor, dict, list, tuple)) or (
+            hasattr(value, "__len__") and not isinstance(value, (str, bytes))
+        ):
             return infer_batch_size(value)
     return 1
 
