@@ -43,7 +43,8 @@ class AtomisticModel(nn.Module):
             self.atomic_energies.zero_()
             for z, energy in statistics.atomic_energies.items():
                 self.atomic_energies[int(z)] = energy
-            self.scale.fill_(statistics.force_rms)
+            # A floor keeps a set of relaxed structures (force RMS ~ 0) from silencing the model.
+            self.scale.fill_(max(statistics.force_rms, 1e-3))
             self.avg_num_neighbors.fill_(max(statistics.avg_num_neighbors, 1.0))
 
     def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,10 @@ class AtomisticModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.enable_grad():  # forces need autograd, also when called under torch.no_grad()
+            return self._energy_and_forces(batch)
+
+    def _energy_and_forces(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         positions = batch[keys.POSITIONS]
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)

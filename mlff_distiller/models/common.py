@@ -1,0 +1,141 @@
+"""Pieces the message-passing students share: radial bases, activations, scatter-sum, edge geometry.
+
+Plain PyTorch only (``index_add``; no torch_scatter / PyG), so every op here has a double
+backward: the force loss differentiates through ``forces = -dE/dx``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .base import cosine_cutoff
+
+_LOG2 = math.log(2.0)
+
+
+class ShiftedSoftplus(nn.Module):
+    """ssp(x) = softplus(x) - log 2: smooth, ssp(0) = 0 (SchNet's activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(x) - _LOG2
+
+
+ACTIVATIONS = {"ssp": ShiftedSoftplus, "shifted_softplus": ShiftedSoftplus, "silu": nn.SiLU}
+
+
+def activation(name: str) -> nn.Module:
+    """A fresh activation module by name: ``"ssp"`` (shifted softplus) or ``"silu"``."""
+    try:
+        return ACTIVATIONS[name.lower()]()
+    except KeyError:
+        raise ValueError(f"activation={name!r} is unknown; accepted: {', '.join(sorted(ACTIVATIONS))}.") from None
+
+
+def mlp(sizes: list[int], act: str, bias_last: bool = True) -> nn.Sequential:
+    """Dense layers ``sizes[0] -> ... -> sizes[-1]`` with ``act`` between them (not after the last)."""
+    layers: list[nn.Module] = []
+    for k, (w_in, w_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        last = k == len(sizes) - 2
+        layers.append(nn.Linear(w_in, w_out, bias=bias_last or not last))
+        if not last:
+            layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
+def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
+    """``out[index[e]] += src[e]`` along dim 0; ``out`` has ``dim_size`` rows and ``src``'s dtype."""
+    out = src.new_zeros((dim_size, *src.shape[1:]))
+    return out.index_add_(0, index, src)
+
+
+class GaussianRBF(nn.Module):
+    """pi^(-1/4) exp(-(r - mu_k)² / (2 w²)): ``num_rbf`` centres mu_k evenly spaced on [0, cutoff], w = spacing.
+
+    The prefactor makes |rbf(r)|² = sum_k rbf_k(r)² close to 1 for every r inside the grid.
+    """
+
+    def __init__(self, num_rbf: int, cutoff: float) -> None:
+        super().__init__()
+        if num_rbf < 2:
+            raise ValueError(f"num_rbf={num_rbf} must be >= 2.")
+        centers = torch.linspace(0.0, cutoff, num_rbf)
+        width = float(centers[1] - centers[0])
+        self.register_buffer("centers", centers, persistent=False)
+        self.coefficient = -0.5 / width**2
+        self.log_prefactor = -0.25 * math.log(math.pi)
+
+    def forward(self, distances: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.coefficient * (distances.unsqueeze(-1) - self.centers) ** 2 + self.log_prefactor)
+
+
+class BesselRBF(nn.Module):
+    """sqrt(2/c) sin(n pi r / c) / r for n = 1..num_rbf (c: cutoff); finite at r -> 0."""
+
+    def __init__(self, num_rbf: int, cutoff: float) -> None:
+        super().__init__()
+        if num_rbf < 1:
+            raise ValueError(f"num_rbf={num_rbf} must be >= 1.")
+        self.register_buffer("frequencies", torch.arange(1, num_rbf + 1) * (math.pi / cutoff), persistent=False)
+        self.prefactor = math.sqrt(2.0 / cutoff)
+
+    def forward(self, distances: torch.Tensor) -> torch.Tensor:
+        r = distances.unsqueeze(-1)
+        return self.prefactor * torch.sin(self.frequencies * r) / r
+
+
+class EdgeGeometry(NamedTuple):
+    """Per-edge quantities computed once per forward and shared by every interaction block."""
+
+    distances: torch.Tensor
+    """|r_ij|, (E,)."""
+    radial: torch.Tensor
+    """Radial basis times the cosine cutoff, (E, num_rbf): zero with zero slope at the cutoff."""
+
+
+def edge_geometry(vectors: torch.Tensor, rbf: nn.Module, cutoff: float) -> EdgeGeometry:
+    """Distances and cut-off radial basis of the edge vectors ``(E, 3)``.
+
+    The envelope multiplies the narrow basis rather than the wide filters built from it; with
+    bias-free filter networks whose activation maps 0 to 0 that is equally smooth and cheaper.
+    """
+    distances = torch.linalg.vector_norm(vectors, dim=-1)
+    return EdgeGeometry(distances, rbf(distances) * cosine_cutoff(distances, cutoff).unsqueeze(-1))
+
+
+def init_linear_(module: nn.Module) -> None:
+    """LeCun-normal weights (std 1/sqrt(fan_in)) and zero biases for every ``nn.Linear`` in ``module``,
+    so that activations keep an O(1) scale through the blocks."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=1.0 / math.sqrt(layer.in_features))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def init_radial_(layer: nn.Linear) -> None:
+    """Unit-variance weights for a layer fed with a radial basis: the bases here have |rbf(r)| ~ 1 (not
+    a per-component O(1) scale), so std 1 gives O(1) filters."""
+    nn.init.normal_(layer.weight, std=1.0)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def append_isolated_atoms(numbers: torch.Tensor, max_z: int) -> torch.Tensor:
+    """``numbers`` followed by 0..max_z: one extra node per element that no edge touches.
+
+    Run through the same blocks as the real atoms, these give each element's output with no
+    neighbours, which :func:`minus_isolated` subtracts: an isolated atom then contributes nothing
+    beyond its reference energy, and the energy of atoms leaving each other's cutoff tends to it.
+    """
+    return torch.cat([numbers, torch.arange(max_z + 1, dtype=numbers.dtype, device=numbers.device)])
+
+
+def minus_isolated(outputs: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+    """Per-atom ``outputs`` (real atoms then isolated ones, ``(N + max_z + 1, 1)``) less the isolated
+    output of each atom's element; shape (N,)."""
+    n = numbers.shape[0]
+    return (outputs[:n] - outputs[n:][numbers]).squeeze(-1)
