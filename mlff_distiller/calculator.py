@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -35,7 +36,8 @@ class StudentCalculator(Calculator):
             )
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        # A copy: the caller's model (maybe still training) keeps its dtype, mode and requires_grad.
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)  # only d/dpositions is needed
 
@@ -62,8 +64,8 @@ class StudentCalculator(Calculator):
 
     def calculate(self, atoms: Any = None, properties: Any = ("energy",), system_changes: Any = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        graph = atoms_to_graph(self.atoms, self.model.cutoff, with_labels=False)
-        batch = collate_atoms([graph]).to(self.device, dtype=self.dtype)
+        graph = atoms_to_graph(self.atoms, self.model.cutoff, with_labels=False, dtype=self.dtype)
+        batch = collate_atoms([graph]).to(self.device)
         with torch.enable_grad():
             output = self.model(batch)
         energy = float(output[keys.ENERGY].detach().sum())

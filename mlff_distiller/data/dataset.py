@@ -75,22 +75,26 @@ def _label(atoms: Any, key: str | None, where_kind: str, where: str, name: str) 
     return calc.results[name]
 
 
-def atoms_to_graph(atoms: Any, cutoff: float, with_labels: bool = True) -> dict[str, torch.Tensor]:
-    """One structure as the tensors that :func:`~mlff_distiller.data.batch.collate_atoms` expects."""
+def atoms_to_graph(
+    atoms: Any, cutoff: float, with_labels: bool = True, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """One structure as the tensors that :func:`~mlff_distiller.data.batch.collate_atoms` expects
+    (floating-point entries in ``dtype``, default: torch's default dtype)."""
+    dtype = dtype or torch.get_default_dtype()
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     pbc = np.asarray(atoms.pbc, dtype=bool)
     edge_index, shifts = neighbor_list(atoms.positions, cell, pbc, cutoff)
     graph = {
-        keys.POSITIONS: torch.tensor(atoms.positions, dtype=torch.get_default_dtype()),
+        keys.POSITIONS: torch.tensor(atoms.positions, dtype=dtype),
         keys.ATOMIC_NUMBERS: torch.tensor(atoms.numbers, dtype=torch.long),
-        keys.CELL: torch.tensor(cell, dtype=torch.get_default_dtype()),
+        keys.CELL: torch.tensor(cell, dtype=dtype),
         keys.PBC: torch.tensor(pbc),
         keys.EDGE_INDEX: torch.from_numpy(edge_index),
-        keys.CELL_SHIFTS: torch.from_numpy(shifts).to(torch.get_default_dtype()),
+        keys.CELL_SHIFTS: torch.from_numpy(shifts).to(dtype),
     }
     if with_labels:
-        graph[keys.ENERGY] = torch.tensor(atoms.info["_energy"], dtype=torch.get_default_dtype())
-        graph[keys.FORCES] = torch.tensor(atoms.arrays["_forces"], dtype=torch.get_default_dtype())
+        graph[keys.ENERGY] = torch.tensor(atoms.info["_energy"], dtype=dtype)
+        graph[keys.FORCES] = torch.tensor(atoms.arrays["_forces"], dtype=dtype)
     return graph
 
 

@@ -29,6 +29,7 @@ def neighbor_list(
         box = cell if pbc.any() else np.zeros((3, 3))
         periodic = pbc.tolist() if pbc.any() else False
         i, j, shifts = NeighborList(cutoff=cutoff, full_list=True).compute(positions, box, periodic, "ijS")
-    order = np.lexsort((j, i))  # deterministic edge order whatever the backend
+    shifts = np.asarray(shifts, dtype=np.int64).reshape(-1, 3)
+    order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))  # same edge order whatever the backend
     edge_index = np.stack([i[order], j[order]]).astype(np.int64)
-    return edge_index, np.asarray(shifts, dtype=np.int64)[order]
+    return edge_index, shifts[order]
