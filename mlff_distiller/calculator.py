@@ -6,8 +6,9 @@ import copy
 import os
 from typing import Any
 
+import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from torch import nn
 
 from .data import keys
@@ -23,7 +24,7 @@ class StudentCalculator(Calculator):
     (EMA weights when the run kept them).
     """
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(
         self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any
@@ -66,6 +67,11 @@ class StudentCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         graph = atoms_to_graph(self.atoms, self.model.cutoff, with_labels=False, dtype=self.dtype)
         batch = collate_atoms([graph]).to(self.device)
+        periodic = bool(self.atoms.pbc.all())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a periodic cell (pbc all True).")
+        if hasattr(self.model, "compute_stress"):  # only pay for the strain derivative when asked
+            self.model.compute_stress = "stress" in properties
         with torch.enable_grad():
             output = self.model(batch)
         energy = float(output[keys.ENERGY].detach().sum())
@@ -74,3 +80,6 @@ class StudentCalculator(Calculator):
             "free_energy": energy,
             "forces": output[keys.FORCES].detach().cpu().double().numpy(),
         }
+        if keys.STRESS in output:
+            s = output[keys.STRESS][0].detach().cpu().double().numpy()
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

@@ -137,6 +137,7 @@ UNITS = {
     "force_mae": "meV/Å",
     "force_rmse": "meV/Å",
     "force_std": "meV/Å",
+    "stress_mae": "meV/Å³",
 }
 
 

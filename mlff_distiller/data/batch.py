@@ -9,8 +9,6 @@ import torch
 
 from . import keys
 
-_FLOAT_KEYS = (keys.POSITIONS, keys.CELL, keys.CELL_SHIFTS, keys.ENERGY, keys.FORCES)
-
 
 class AtomsBatch(Mapping[str, torch.Tensor]):
     """Read-only mapping of batch keys (see :mod:`mlff_distiller.data.keys`) to tensors.
@@ -86,17 +84,20 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
         present = [key in item for item in items]
         if all(present):
             values = [item[key] for item in items]
-            out[key] = torch.stack(values) if key == keys.ENERGY else torch.cat(values)
+            out[key] = torch.cat(values) if key == keys.FORCES else torch.stack(values)
         elif any(present):
             raise KeyError(f"Some structures in the batch have {key!r} and others do not.")
     return AtomsBatch(out)
 
 
-def edge_vectors(batch: Mapping[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
-    """r_ij = x_j - x_i + S_ij @ cell for every edge; differentiable in ``positions`` (and cell)."""
+def edge_vectors(
+    batch: Mapping[str, torch.Tensor], positions: torch.Tensor | None = None, cell: torch.Tensor | None = None
+) -> torch.Tensor:
+    """r_ij = x_j - x_i + S_ij @ cell for every edge; differentiable in ``positions`` and ``cell``."""
     positions = batch[keys.POSITIONS] if positions is None else positions
+    cell = batch[keys.CELL] if cell is None else cell
     i, j = batch[keys.EDGE_INDEX]
-    cell_of_edge = batch[keys.CELL][batch[keys.BATCH][i]]
+    cell_of_edge = cell[batch[keys.BATCH][i]]
     shifts = torch.einsum("ek,ekl->el", batch[keys.CELL_SHIFTS].to(positions.dtype), cell_of_edge.to(positions.dtype))
     return positions[j] - positions[i] + shifts
 

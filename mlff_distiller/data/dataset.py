@@ -54,7 +54,28 @@ def read_labelled_structures(
             raise DataError(f"{where}: energy or forces are not finite (NaN or inf).")
         atoms.info["_energy"] = float(energy)
         atoms.arrays["_forces"] = forces
+        stress = _stress(atoms)
+        if stress is not None:
+            if not np.isfinite(stress).all():
+                raise DataError(f"{where}: stress is not finite (NaN or inf).")
+            atoms.info["_stress"] = stress
+    # Stress trains only when every structure has it (a set mixing molecules and crystals has none).
+    if not all("_stress" in atoms.info for atoms in structures):
+        for atoms in structures:
+            atoms.info.pop("_stress", None)
     return structures
+
+
+def _stress(atoms: Any) -> np.ndarray | None:
+    """The stored stress as a 3x3 matrix (eV/Å³), or None."""
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    if "stress" not in results or not atoms.pbc.all():
+        return None
+    stress = np.asarray(results["stress"], dtype=np.float64)
+    if stress.shape == (6,):
+        xx, yy, zz, yz, xz, xy = stress
+        stress = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return stress.reshape(3, 3)
 
 
 def _label(atoms: Any, key: str | None, where_kind: str, where: str, name: str) -> Any:
@@ -95,6 +116,8 @@ def atoms_to_graph(
     if with_labels:
         graph[keys.ENERGY] = torch.tensor(atoms.info["_energy"], dtype=dtype)
         graph[keys.FORCES] = torch.tensor(atoms.arrays["_forces"], dtype=dtype)
+        if "_stress" in atoms.info:
+            graph[keys.STRESS] = torch.tensor(atoms.info["_stress"], dtype=dtype)
     return graph
 
 

@@ -25,5 +25,8 @@ ENERGY = "energy"
 FORCES = "forces"
 """Forces on atoms, eV/Å; same shape as positions."""
 
+STRESS = "stress"
+"""Stress of periodic structures, eV/Å³, (structures, 3, 3); ASE's sign: (1/V) dE/dstrain."""
+
 ATOMS_KEYS = (POSITIONS, ATOMIC_NUMBERS, CELL, PBC, BATCH, NUM_ATOMS, EDGE_INDEX, CELL_SHIFTS)
-LABEL_KEYS = (ENERGY, FORCES)
+LABEL_KEYS = (ENERGY, FORCES, STRESS)

@@ -14,7 +14,11 @@ KINDS = ("mse", "huber")
 
 
 class EnergyForceLoss:
-    """``energy_weight * L(E) + force_weight * L(F)`` with L = MSE or Huber.
+    """``energy_weight * L(E) + force_weight * L(F) [+ stress_weight * L(W)]`` with L = MSE or Huber.
+
+    The stress term (``stress_weight > 0``; the model must be built with ``compute_stress=True``)
+    compares the virial per atom, stress x volume / atoms (eV/atom), so its scale matches the
+    per-atom energy; batches without stress labels skip it.
 
     With ``per_atom_energy`` the energy term compares energies divided by the number of atoms, so
     structures of different sizes weigh alike. Reported terms (besides ``loss``):
@@ -29,11 +33,14 @@ class EnergyForceLoss:
         per_atom_energy: bool = True,
         kind: str = "mse",
         huber_delta: float = 0.01,
+        stress_weight: float = 0.0,
     ) -> None:
         if energy_weight < 0 or force_weight < 0 or energy_weight + force_weight == 0:
             raise ValueError(
                 f"energy_weight={energy_weight} and force_weight={force_weight} must be >= 0 and not both 0."
             )
+        if stress_weight < 0:
+            raise ValueError(f"stress_weight={stress_weight} must be >= 0.")
         if kind not in KINDS:
             raise ValueError(f"loss kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
         if huber_delta <= 0:
@@ -43,6 +50,7 @@ class EnergyForceLoss:
         self.per_atom_energy = per_atom_energy
         self.kind = kind
         self.huber_delta = huber_delta
+        self.stress_weight = stress_weight
 
     def _term(self, error: torch.Tensor) -> torch.Tensor:
         if self.kind == "huber":
@@ -56,8 +64,20 @@ class EnergyForceLoss:
         force_error = predicted[keys.FORCES] - batch[keys.FORCES]
         energy_for_loss = energy_error if self.per_atom_energy else energy_error * atoms
         loss = self.energy_weight * self._term(energy_for_loss) + self.force_weight * self._term(force_error)
+        extra: dict[str, torch.Tensor] = {}
+        if self.stress_weight > 0 and keys.STRESS in batch:
+            if keys.STRESS not in predicted:
+                raise ValueError(
+                    "loss.stress_weight > 0 needs a model that outputs stress: build it with compute_stress=True "
+                    "(model.compute_stress=true on the command line)."
+                )
+            stress_error = predicted[keys.STRESS] - batch[keys.STRESS]
+            volume_per_atom = torch.linalg.det(batch[keys.CELL]).abs() / atoms
+            loss = loss + self.stress_weight * self._term(stress_error * volume_per_atom[:, None, None])
+            extra["stress_mae"] = 1e3 * stress_error.detach().abs().mean()
         with torch.no_grad():
             return {
+                **extra,
                 "loss": loss,
                 "energy_mae_per_atom": 1e3 * energy_error.abs().mean(),
                 "energy_rmse_per_atom": 1e3 * energy_error.pow(2).mean().sqrt(),

@@ -22,16 +22,20 @@ MAX_Z = 100
 class AtomisticModel(nn.Module):
     """Base class of the students. ``forward(batch) -> {"energy": (S,), "forces": (N, 3)}``.
 
+    With ``compute_stress`` the output also holds ``"stress"`` (S, 3, 3), eV/Å³, for periodic cells.
     ``statistics`` (optional) sets the buffers ``atomic_energies`` (eV per element), ``scale``
     (eV, force RMS) and ``avg_num_neighbors``; they are saved in the state dict, so a model rebuilt
     without statistics and loaded from a checkpoint gets them back.
     """
 
-    def __init__(self, cutoff: float, statistics: DatasetStatistics | None = None) -> None:
+    def __init__(
+        self, cutoff: float, statistics: DatasetStatistics | None = None, compute_stress: bool = False
+    ) -> None:
         super().__init__()
         if cutoff <= 0:
             raise ValueError(f"cutoff={cutoff} must be > 0 (Å).")
         self.cutoff = float(cutoff)
+        self.compute_stress = compute_stress
         self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("avg_num_neighbors", torch.tensor(1.0))
@@ -59,7 +63,17 @@ class AtomisticModel(nn.Module):
         positions = batch[keys.POSITIONS]
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
-        vectors = edge_vectors(batch, positions)
+        inputs = [positions]
+        if self.compute_stress:
+            # Stress = (1/V) dE/d(strain): deform positions and cell by a symmetric strain at zero.
+            cell = batch[keys.CELL].to(positions.dtype)
+            strain = torch.zeros_like(cell, requires_grad=True)
+            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+            deformed = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch[keys.BATCH]])
+            vectors = edge_vectors(batch, deformed, cell + torch.bmm(cell, symmetric))
+            inputs.append(strain)
+        else:
+            vectors = edge_vectors(batch, positions)
         # Reduced in the precision of the positions (float32/64), never in half precision.
         per_atom = self.atomic_outputs(batch, vectors).to(positions.dtype) * self.scale
         per_atom = per_atom + self.atomic_energies[batch[keys.ATOMIC_NUMBERS]]
@@ -67,8 +81,13 @@ class AtomisticModel(nn.Module):
         energy = torch.zeros(num_structures, dtype=per_atom.dtype, device=per_atom.device)
         energy = energy.index_add(0, batch[keys.BATCH], per_atom)
         # create_graph while training so that a force loss reaches the weights.
-        (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=self.training)
-        return {keys.ENERGY: energy, keys.FORCES: -gradient}
+        gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training)
+        out = {keys.ENERGY: energy, keys.FORCES: -gradients[0]}
+        if self.compute_stress:
+            volume = torch.linalg.det(cell).abs()
+            volume = torch.where(volume > 0, volume, torch.ones_like(volume))  # non-periodic: stress is dE/dstrain
+            out[keys.STRESS] = gradients[1] / volume[:, None, None]
+        return out
 
 
 def cosine_cutoff(distances: torch.Tensor, cutoff: float) -> torch.Tensor:

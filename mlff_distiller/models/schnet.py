@@ -71,8 +71,9 @@ class SchNet(AtomisticModel):
         num_rbf: int = 32,
         max_z: int = 100,
         statistics: DatasetStatistics | None = None,
+        compute_stress: bool = False,
     ) -> None:
-        super().__init__(cutoff, statistics)
+        super().__init__(cutoff, statistics, compute_stress)
         if hidden < 2 or interactions < 1 or max_z < 1:
             raise ValueError(
                 f"hidden={hidden} (>= 2), interactions={interactions} (>= 1) and max_z={max_z} (>= 1) are out of range."

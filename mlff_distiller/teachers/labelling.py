@@ -137,7 +137,13 @@ def _label_one(atoms: Atoms, calculator: Any, index: int) -> Atoms:
             f"The teacher returned a non-finite {where} for structure {index}{tag}: energy={energy}, "
             f"{int((~np.isfinite(forces)).sum())} non-finite force components."
         )
-    work.calc = SinglePointCalculator(work, energy=energy, forces=forces)
+    results: dict[str, Any] = {"energy": energy, "forces": forces}
+    if work.pbc.all() and "stress" in getattr(calculator, "implemented_properties", ()):
+        stress = np.array(work.get_stress(voigt=True), dtype=np.float64)
+        if not np.isfinite(stress).all():
+            raise NonFiniteLabelError(f"The teacher returned a non-finite stress for structure {index}: {stress}.")
+        results["stress"] = stress
+    work.calc = SinglePointCalculator(work, **results)
     return work
 
 
