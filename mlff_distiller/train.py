@@ -44,9 +44,9 @@ def main(cfg: DictConfig) -> float | None:
     except (CLIError, ConfigError) as error:
         _fail(error)
     except Exception as error:
-        from mlff_distiller.training.checkpoint import CheckpointError
+        from mlff_distiller.training import CheckpointError, NonFiniteLossError
 
-        if isinstance(error, CheckpointError) or _is_instantiation_error(error):
+        if isinstance(error, (CheckpointError, NonFiniteLossError)) or _is_instantiation_error(error):
             _fail(error)
         raise
     return None  # unreachable
@@ -94,6 +94,7 @@ def train(cfg: DictConfig) -> float | None:
     )
     if resume_state is not None:
         trainer.load_state_dict(resume_state, source=str(resume_path))
+        _carry_best_checkpoint(resume_path, trainer.checkpoint_dir)
         log.info(
             "Resuming %s at epoch %d (step %d) into %s", resume_path, trainer.epoch, trainer.global_step, output_dir
         )
@@ -115,11 +116,25 @@ def train(cfg: DictConfig) -> float | None:
     return trainer.best_metric
 
 
+def _carry_best_checkpoint(resume_path: Path, checkpoint_dir: Path | None) -> None:
+    """The resumed run starts in a new directory: bring the best model so far along, so that test
+    evaluation and StudentCalculator find it even if no later epoch improves on it."""
+    source = resume_path.parent / "best_model.pt"
+    if checkpoint_dir is None or not source.is_file() or source.resolve() == (checkpoint_dir / source.name).resolve():
+        return
+    import shutil
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, checkpoint_dir / source.name)
+
+
 def _evaluate_test_split(trainer: Any, data: Any) -> dict[str, float]:
     """Evaluate the best checkpoint (EMA weights when kept) on the test split and print a table."""
     test_loader = data.test_loader() if hasattr(data, "test_loader") else None
     best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
     if test_loader is None or best is None or not best.is_file():
+        if test_loader is not None:
+            log.warning("No best_model.pt in %s: the test split was not evaluated.", trainer.checkpoint_dir)
         return {}
     from mlff_distiller.training import load_checkpoint_file
 

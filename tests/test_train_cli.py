@@ -118,6 +118,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=1e-6)
     assert resumed["history"]["lr"] == straight["history"]["lr"]
     assert resumed["history"]["val/force_mae"] == pytest.approx(straight["history"]["val/force_mae"], abs=1e-6)
+    # The best model so far travels into the new run directory, so the test split is still evaluated.
+    assert (tmp_path / "resumed/checkpoints/best_model.pt").is_file()
+    assert "test/force_mae" in json.loads((tmp_path / "resumed/metrics.json").read_text())
     # The first run's files are untouched by the resumed one.
     assert load(tmp_path / "first/checkpoints/last.pt")["epoch"] == 2
 

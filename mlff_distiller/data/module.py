@@ -29,6 +29,7 @@ class AtomsDataModule:
             capped at ``num_train`` when given.
         energy_key, forces_key: ``atoms.info`` / ``atoms.arrays`` keys of the labels; None uses
             the calculator results stored in the file.
+        group_key: an ``atoms.info`` key whose equal values must share a split (e.g. ``md_run``).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class AtomsDataModule:
         num_workers: int = 0,
         energy_key: str | None = None,
         forces_key: str | None = None,
+        group_key: str | None = None,
     ) -> None:
         if path is None and not callable(source):
             raise DataError(
@@ -63,12 +65,7 @@ class AtomsDataModule:
                 f"{str(self.path)!r} holds {len(structures)} structures: too few for num_val={num_val} "
                 f"and num_test={num_test} with at least one left to train on."
             )
-        order = np.random.default_rng(seed).permutation(len(structures))
-        self.split_indices = {
-            "val": order[:num_val].tolist(),
-            "test": order[num_val : num_val + num_test].tolist(),
-            "train": order[num_val + num_test :][: num_train or available].tolist(),
-        }
+        self.split_indices = _split(structures, num_val, num_test, num_train, seed, group_key)
         dataset = AtomsDataset(structures, cutoff)
         self.datasets = {name: dataset.subset(idx) for name, idx in self.split_indices.items()}
         self.statistics: DatasetStatistics = compute_statistics(self.datasets["train"].graphs)
@@ -110,3 +107,29 @@ class AtomsDataModule:
         graphs: list[dict[str, Any]] = self.datasets[split].graphs
         forces = torch.cat([g["forces"].reshape(-1) for g in graphs])
         return float(forces.std())
+
+
+def _split(
+    structures: list[Any], num_val: int, num_test: int, num_train: int | None, seed: int, group_key: str | None
+) -> dict[str, list[int]]:
+    """Seeded random split. With ``group_key``, structures sharing ``atoms.info[group_key]`` (e.g. the
+    snapshots of one MD run) stay on one side, so correlated neighbours cannot leak from train into
+    val/test; val and test then overshoot their sizes by less than one group."""
+    groups: dict[Any, list[int]] = {}
+    for index, atoms in enumerate(structures):
+        key = atoms.info.get(group_key) if group_key is not None else None
+        groups.setdefault(("single", index) if key is None else ("group", key), []).append(index)
+    members = list(groups.values())
+    order = np.random.default_rng(seed).permutation(len(members))
+    split: dict[str, list[int]] = {"val": [], "test": [], "train": []}
+    for position in order:
+        name = "val" if len(split["val"]) < num_val else "test" if len(split["test"]) < num_test else "train"
+        split[name].extend(members[position])
+    if not split["train"]:
+        raise DataError(
+            f"Splitting {len(structures)} structures into num_val={num_val} and num_test={num_test}"
+            f"{f' by {group_key!r}' if group_key else ''} leaves none to train on."
+        )
+    if num_train is not None:
+        split["train"] = split["train"][:num_train]
+    return split

@@ -64,16 +64,18 @@ class AtomisticModel(nn.Module):
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
         inputs = [positions]
-        if self.compute_stress:
-            # Stress = (1/V) dE/d(strain): deform positions and cell by a symmetric strain at zero.
-            cell = batch[keys.CELL].to(positions.dtype)
-            strain = torch.zeros_like(cell, requires_grad=True)
-            symmetric = 0.5 * (strain + strain.transpose(1, 2))
-            deformed = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch[keys.BATCH]])
-            vectors = edge_vectors(batch, deformed, cell + torch.bmm(cell, symmetric))
-            inputs.append(strain)
-        else:
-            vectors = edge_vectors(batch, positions)
+        # Geometry stays in full precision under autocast: a bf16 cell shift is off by ~0.02 Å.
+        with torch.autocast(device_type=positions.device.type, enabled=False):
+            if self.compute_stress:
+                # Stress = (1/V) dE/d(strain): deform positions and cell by a symmetric strain at zero.
+                cell = batch[keys.CELL].to(positions.dtype)
+                strain = torch.zeros_like(cell, requires_grad=True)
+                symmetric = 0.5 * (strain + strain.transpose(1, 2))
+                deformed = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch[keys.BATCH]])
+                vectors = edge_vectors(batch, deformed, cell + torch.bmm(cell, symmetric))
+                inputs.append(strain)
+            else:
+                vectors = edge_vectors(batch, positions)
         # Reduced in the precision of the positions (float32/64), never in half precision.
         per_atom = self.atomic_outputs(batch, vectors).to(positions.dtype) * self.scale
         per_atom = per_atom + self.atomic_energies[batch[keys.ATOMIC_NUMBERS]]

@@ -110,7 +110,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str], use_ema: 
 def capture_rng_state() -> dict[str, Any]:
     """Every global RNG the training loop draws from, as plain data."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np

@@ -288,8 +288,12 @@ class Trainer:
             finite &= torch.isfinite(grad_norm)
         applied = bool(finite)  # the one host sync per optimizer step
         if applied:
-            self.nonfinite["in_a_row"] = 0
-            self._apply_optimizer_step()
+            # Under fp16 the GradScaler itself may skip the step (gradient overflow): same accounting.
+            applied = self._apply_optimizer_step()
+            if applied:
+                self.nonfinite["in_a_row"] = 0
+            else:
+                self._skip_nonfinite_step(loss, grad_norm, update_scaler=False)
         else:
             self._skip_nonfinite_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
@@ -304,27 +308,34 @@ class Trainer:
         self._call("on_optimizer_step")
         return applied
 
-    def _apply_optimizer_step(self) -> None:
+    def _apply_optimizer_step(self) -> bool:
+        """Step (with warmup scaling); False when the GradScaler skipped it for overflowing gradients."""
+        applied = True
         factor = self.warmup.factor(self.global_step) if self.warmup is not None else 1.0
         if factor != 1.0:
             scheduled = [group["lr"] for group in self.optimizer.param_groups]
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            applied = self.scaler.get_scale() >= scale  # the scale drops exactly when the step was skipped
         else:
             self.optimizer.step()
         if factor != 1.0:
             for group, lr in zip(self.optimizer.param_groups, scheduled):
                 group["lr"] = lr
-        if self.ema is not None:
+        if self.ema is not None and applied:
             self.ema.update(self.model)
+        return applied
 
-    def _skip_nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    def _skip_nonfinite_step(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor | None, update_scaler: bool = True
+    ) -> None:
         self.nonfinite["in_a_row"] += 1
         self.nonfinite["total"] += 1
-        if self.scaler is not None:
+        if self.scaler is not None and update_scaler:
             self.scaler.update()
         what = f"loss={loss.item()}" + (f", grad_norm={grad_norm.item()}" if grad_norm is not None else "")
         log.warning(

@@ -106,3 +106,24 @@ def test_loss_stress_term_uses_the_virial_per_atom_and_needs_a_stress_model():
     )
     with pytest.raises(ValueError, match="compute_stress=True"):
         EnergyForceLoss(stress_weight=1.0)(SchNet(cutoff=4.0, statistics=STATS), batch)
+
+
+def test_geometry_stays_in_full_precision_under_bf16_autocast():
+    """Edge vectors (cell shifts, strain) are computed in float32 even inside a bf16 autocast region."""
+    atoms = alloy_cell()
+    batch = collate_atoms([atoms_to_graph(atoms, 4.0, False)])
+    seen = []
+    model = SchNet(cutoff=4.0, statistics=STATS, compute_stress=True)
+    original = model.atomic_outputs
+
+    def spy(batch, vectors):
+        seen.append(vectors.detach().clone())
+        return original(batch, vectors)
+
+    model.atomic_outputs = spy
+    model(batch)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        output = model(batch)
+    assert seen[1].dtype == torch.float32
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)
+    assert output[keys.ENERGY].dtype == torch.float32 and output[keys.STRESS].dtype == torch.float32
