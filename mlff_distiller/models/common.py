@@ -139,3 +139,11 @@ def minus_isolated(outputs: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor
     output of each atom's element; shape (N,)."""
     n = numbers.shape[0]
     return (outputs[:n] - outputs[n:][numbers]).squeeze(-1)
+
+
+def check_sizes(hidden: int, interactions: int, max_z: int) -> None:
+    """Reject student sizes that cannot build a model, naming every value and its bound."""
+    if hidden < 2 or interactions < 1 or max_z < 1:
+        raise ValueError(
+            f"hidden={hidden} (>= 2), interactions={interactions} (>= 1) and max_z={max_z} (>= 1) are out of range."
+        )

@@ -13,6 +13,7 @@ from .base import AtomisticModel
 from .common import (
     BesselRBF,
     append_isolated_atoms,
+    check_sizes,
     edge_geometry,
     init_linear_,
     init_radial_,
@@ -120,10 +121,7 @@ class PaiNN(AtomisticModel):
         compute_stress: bool = False,
     ) -> None:
         super().__init__(cutoff, statistics, compute_stress)
-        if hidden < 2 or interactions < 1 or max_z < 1:
-            raise ValueError(
-                f"hidden={hidden} (>= 2), interactions={interactions} (>= 1) and max_z={max_z} (>= 1) are out of range."
-            )
+        check_sizes(hidden, interactions, max_z)
         self.hidden = hidden
         self.max_z = max_z
         self.embedding = nn.Embedding(max_z + 1, hidden)

@@ -12,7 +12,7 @@ from ase.build import bulk, molecule
 
 from mlff_distiller.data import keys
 from mlff_distiller.data.batch import AtomsBatch, collate_atoms
-from mlff_distiller.data.neighbors import neighbor_list
+from mlff_distiller.data.dataset import atoms_to_graph
 from mlff_distiller.models.painn import PaiNN
 from mlff_distiller.models.schnet import SchNet
 
@@ -51,17 +51,7 @@ def to_item(
     atoms: Atoms, cutoff: float = CUTOFF, dtype: torch.dtype = torch.float64, labels: bool = False
 ) -> dict[str, torch.Tensor]:
     """The per-structure dict :func:`collate_atoms` expects, with a fresh neighbour list."""
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    cell = atoms.cell.array if pbc.any() else np.zeros((3, 3))
-    edge_index, shifts = neighbor_list(atoms.positions, cell, pbc, cutoff)
-    item = {
-        keys.POSITIONS: torch.tensor(atoms.positions, dtype=dtype),
-        keys.ATOMIC_NUMBERS: torch.tensor(atoms.numbers, dtype=torch.long),
-        keys.CELL: torch.tensor(cell, dtype=dtype),
-        keys.PBC: torch.tensor(pbc),
-        keys.EDGE_INDEX: torch.tensor(edge_index),
-        keys.CELL_SHIFTS: torch.tensor(shifts, dtype=dtype),
-    }
+    item = atoms_to_graph(atoms, cutoff, with_labels=False, dtype=dtype)
     if labels:
         item[keys.ENERGY] = torch.tensor(atoms.get_potential_energy(), dtype=dtype)
         item[keys.FORCES] = torch.tensor(atoms.get_forces(), dtype=dtype)
