@@ -1,10 +1,25 @@
-"""Suite-wide set-up: generated datasets go to one temporary cache shared by every test and subprocess."""
+"""Suite-wide set-up: one CPU thread, seeded RNGs, and one temporary dataset cache shared by every
+test and subprocess."""
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
