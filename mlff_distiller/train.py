@@ -26,8 +26,9 @@ log = logging.getLogger("mlff_distiller.train")
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainingConfig)
 
-# Keys that may differ between a run and its resumption (paths are per run; max_epochs may be raised).
-RESUME_MAY_CHANGE = ("ckpt_path", "paths", "trainer.max_epochs")
+# Keys that may differ between a run and its resumption (paths are per run; max_epochs may be raised;
+# callbacks observe the run).
+RESUME_MAY_CHANGE = ("ckpt_path", "allow_config_change", "callbacks", "paths", "trainer.max_epochs")
 # TrainingConfig fields that only the Python API uses; on the command line the groups decide.
 GROUP_OWNED = {"trainer.optimizer": "optimizer", "trainer.lr_scheduler": "scheduler"}
 
@@ -44,17 +45,25 @@ def main(cfg: DictConfig) -> float | None:
     except (CLIError, ConfigError) as error:
         _fail(error)
     except Exception as error:
-        from mlff_distiller.training import CheckpointError, NonFiniteLossError
+        from mlff_distiller.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
+        if isinstance(error, TrainingInterrupted):
+            overrides = " ".join(o for o in _task_overrides() if not o.startswith("ckpt_path="))
+            log.warning("Resume with: mlff-train %s ckpt_path=%s", overrides, Path(cfg.paths.output_dir))
+            raise SystemExit(error.exit_code) from None
         if isinstance(error, (CheckpointError, NonFiniteLossError)) or _is_instantiation_error(error):
             _fail(error)
         raise
     return None  # unreachable
 
 
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def train(cfg: DictConfig) -> float | None:
     """Compose-then-run body of ``mlff-train``, callable from Python with a composed config."""
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    overrides = _task_overrides()
     _reject_group_owned_overrides(overrides)
     training_config: TrainingConfig = OmegaConf.to_object(cfg.trainer)  # validates every field
     resume_path, resume_state = _resolve_resume(cfg)
@@ -81,6 +90,7 @@ def train(cfg: DictConfig) -> float | None:
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
     loggers = [ConsoleLogger(print_epochs=False)]
     loggers += [instantiate(node) for node in (cfg.get("logger") or {}).values()]
+    callbacks = {name: instantiate(node) for name, node in (cfg.get("callbacks") or {}).items() if node}
 
     trainer = Trainer(
         model=model,
@@ -91,9 +101,10 @@ def train(cfg: DictConfig) -> float | None:
         optimizer=optimizer,
         lr_scheduler=scheduler,
         loggers=loggers,
+        callbacks=callbacks,
     )
     if resume_state is not None:
-        trainer.load_state_dict(resume_state, source=str(resume_path))
+        trainer.load_state_dict(resume_state, source=str(resume_path), strict_config=not cfg.allow_config_change)
         _carry_best_checkpoint(resume_path, trainer.checkpoint_dir)
         log.info(
             "Resuming %s at epoch %d (step %d) into %s", resume_path, trainer.epoch, trainer.global_step, output_dir
@@ -186,24 +197,19 @@ def _resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None
     """Find and check the checkpoint named by ``ckpt_path``; a resume that cannot be honoured is an error."""
     if not cfg.get("ckpt_path"):
         return None, None
-    from mlff_distiller.training.checkpoint import load_checkpoint_file
+    from mlff_distiller.training.checkpoint import load_checkpoint_file, load_latest_checkpoint
 
     path = Path(str(cfg.ckpt_path)).expanduser()
     if path.is_dir():
-        candidates = [path / "checkpoints" / "last.pt", path / "last.pt"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise CLIError(
-                f"ckpt_path={str(path)!r} is a directory without a checkpoint; looked for "
-                f"{[str(c) for c in candidates]}. Pass a run directory or a .pt file."
-            )
-        path = found
+        # The newest readable checkpoint of the run; unreadable newer files are skipped with a warning.
+        path, state = load_latest_checkpoint(path)
     elif not path.is_file():
         raise CLIError(
             f"ckpt_path={str(path)!r} does not exist; pass a checkpoint file (last.pt, best_model.pt) "
             "or a run directory."
         )
-    state = load_checkpoint_file(path)
+    else:
+        state = load_checkpoint_file(path)
     saved = state.get("config", {}).get("extra", {})
     if "run_config" not in saved:
         raise CLIError(
@@ -211,14 +217,17 @@ def _resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None
             "from Python with Trainer.load_checkpoint."
         )
     differences = _config_differences(saved["run_config"], OmegaConf.to_container(cfg, resolve=False))
-    if differences:
+    if differences and not cfg.get("allow_config_change"):
         original = " ".join(saved.get("overrides", [])) or "(none)"
         raise CLIError(
             f"Cannot resume from {str(path)!r}: the config differs from the saved run at "
             + "; ".join(differences)
             + f". Resume with the original overrides ({original}) plus ckpt_path=...; only trainer.max_epochs may "
-            "change."
+            "change, unless you add allow_config_change=true (the optimizer and scheduler then continue from "
+            "the checkpoint's state)."
         )
+    if differences:
+        log.warning("Resuming %s with a changed config (allow_config_change=true): %s", path, "; ".join(differences))
     return path, state
 
 

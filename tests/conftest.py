@@ -13,6 +13,15 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kill-sweep",
+        type=int,
+        default=6,
+        help="number of SIGKILLs in the reliability battery's kill sweep (CI: 6; the reported figure: 24)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same RNG state, whatever ran before it."""

@@ -91,6 +91,7 @@ class AtomsDataModule:
             num_workers=self.num_workers,
             generator=generator,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
         )
 
     def train_loader(self) -> DataLoader:
@@ -107,6 +108,15 @@ class AtomsDataModule:
         graphs: list[dict[str, Any]] = self.datasets[split].graphs
         forces = torch.cat([g["forces"].reshape(-1) for g in graphs])
         return float(forces.std())
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C and SLURM's SIGTERM reach every process of the job; workers leave the stop to the main
+    # process, which finishes its step, saves and shuts them down (a dead worker would fail that step).
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _split(

@@ -24,6 +24,8 @@ _EXPORTS = {
     "TensorBoardLogger": "loggers",
     "NonFiniteLossError": "trainer",
     "Trainer": "trainer",
+    "TrainingInterrupted": "trainer",
+    "load_latest_checkpoint": "checkpoint",
 }
 
 __all__ = [
@@ -37,18 +39,26 @@ __all__ = [
     "TensorBoardLogger",
     "Trainer",
     "TrainingConfig",
+    "TrainingInterrupted",
     "load_checkpoint_file",
+    "load_latest_checkpoint",
     "load_model_weights",
     "save_checkpoint",
 ]
 
 if TYPE_CHECKING:
     from .callbacks import Callback
-    from .checkpoint import CheckpointError, load_checkpoint_file, load_model_weights, save_checkpoint
+    from .checkpoint import (
+        CheckpointError,
+        load_checkpoint_file,
+        load_latest_checkpoint,
+        load_model_weights,
+        save_checkpoint,
+    )
     from .config import ConfigError, TrainingConfig
     from .ema import ExponentialMovingAverage
     from .loggers import ConsoleLogger, Logger, TensorBoardLogger
-    from .trainer import NonFiniteLossError, Trainer
+    from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 
 def __getattr__(name: str) -> Any:

@@ -1,13 +1,24 @@
-"""Checkpoint files: atomic writes, safe loads, RNG capture, and model-weight loading for inference.
+"""Checkpoint files: atomic writes, retention, safe loads, RNG capture, and model-weight loading.
 
 A checkpoint is one plain dict (tensors, numbers, strings, lists, dicts) so that it loads with
 ``torch.load(weights_only=True)``: no pickled objects, nothing executed on load.
+
+A checkpoint directory holds ``last.pt`` (newest state, possibly mid-epoch), ``previous.pt`` (the
+``last.pt`` before it), ``best_model.pt`` and, with ``keep_last``, ``epoch_NNNN.pt``. Every file is
+complete at every moment: new content goes to a temporary file that is fsynced and renamed over the
+old one, and copies are hard links made the same way.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
 import os
 import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+# 2: mid-epoch checkpoints (``epoch_progress``) and a config fingerprint. Version-1 files still load.
+FORMAT_VERSION = 2
+LAST = "last.pt"
+PREVIOUS = "previous.pt"
+BEST = "best_model.pt"
+EPOCH_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
+_TEMP_PATTERN = re.compile(r"^\.(last|previous|best_model|epoch_\d+)\.pt\..*\.tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -28,19 +47,112 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     A crash at any moment leaves either the old complete file or the new complete file, never a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _write_error(path, error) from error
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from error
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def link_checkpoint(source: Path, target: Path) -> None:
+    """Make ``target`` a complete copy of ``source`` atomically (a hard link; a copy where links fail)."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # already the same file (renaming a link onto its own inode would be a silent no-op)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(target, error) from error
+        raise
+    _fsync_dir(target.parent)
+
+
+def _write_error(path: Path, error: OSError) -> CheckpointError:
+    reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "the write failed"
+    return CheckpointError(
+        f"Could not write checkpoint {str(path)!r}: {reason} ({error}). The partial file was removed and the "
+        f"previous {path.name} (if any) is intact; fix the cause and resume from {str(path.parent)!r}."
+    )
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Delete temporary files left by writes that a killed process never finished."""
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if _TEMP_PATTERN.match(entry.name):
+                entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+    return removed
+
+
+def epoch_checkpoints(directory: Path) -> list[Path]:
+    """``epoch_NNNN.pt`` files in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := EPOCH_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resume_candidates(directory: Path) -> list[Path]:
+    """Checkpoint files of a checkpoint directory, newest state first: last, previous, epochs, best."""
+    ordered = [directory / LAST, directory / PREVIOUS, *reversed(epoch_checkpoints(directory)), directory / BEST]
+    return [p for p in ordered if p.is_file()]
+
+
+def load_latest_checkpoint(directory: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[Path, dict[str, Any]]:
+    """Load the newest complete checkpoint of a checkpoint directory or of a run directory (its
+    ``checkpoints/``). An unreadable file is skipped with a warning naming it; if none can be read,
+    the error lists every file tried and why."""
+    directory = Path(directory)
+    if (directory / "checkpoints").is_dir() and not (directory / LAST).is_file():
+        directory = directory / "checkpoints"
+    candidates = resume_candidates(directory)
+    if not candidates:
+        raise CheckpointError(
+            f"{str(directory)!r} holds no checkpoint (looked for {LAST}, {PREVIOUS}, epoch_NNNN.pt, {BEST})."
+        )
+    failures = []
+    for path in candidates:
+        try:
+            state = load_checkpoint_file(path, map_location=map_location)
+        except CheckpointError as error:
+            failures.append(str(error))
+            log.warning("%s Falling back to the previous complete checkpoint.", error)
+            continue
+        if failures:
+            log.warning("Resuming from %s instead (%d newer file(s) unreadable).", path, len(failures))
+        return path, state
+    raise CheckpointError(f"No readable checkpoint in {str(directory)!r}: " + " ".join(failures))
+
+
+def config_fingerprint(config: dict[str, Any], ignore: frozenset[str] | set[str] = frozenset()) -> str:
+    """Short hash of the config fields that shape the optimisation (all but ``ignore``)."""
+    kept = {k: v for k, v in sorted(config.items()) if k not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -71,7 +183,7 @@ def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu"
         ) from error
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"Checkpoint {str(path)!r} is not a mlff_distiller checkpoint (no format_version).")
-    if state["format_version"] > FORMAT_VERSION:
+    if not isinstance(state["format_version"], int) or state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} has format_version {state['format_version']}; this version of "
             f"mlff_distiller reads format_version <= {FORMAT_VERSION}."

@@ -77,6 +77,13 @@ class TrainingConfig:
     """Where ``last.pt`` and ``best_model.pt`` are written (None: no checkpoints)."""
     overwrite_checkpoints: bool = False
     """Allow a fresh run to replace checkpoints already in ``checkpoint_dir``."""
+    keep_last: int = 0
+    """Also keep the checkpoints of the last this many epochs as ``epoch_NNNN.pt`` (0: none)."""
+    checkpoint_every_n_steps: Optional[int] = None
+    """Also write ``last.pt`` every this many optimizer steps inside an epoch (None: at epoch ends only)."""
+    handle_signals: bool = True
+    """On SIGTERM/SIGINT finish the optimizer step, write a mid-epoch ``last.pt`` and raise
+    ``TrainingInterrupted`` (exit code 143/130 on the command line); a second SIGINT aborts at once."""
     log_interval: int = 10
     """Log the step loss and learning rate every this many optimizer steps."""
     val_interval: int = 1
@@ -120,10 +127,16 @@ class TrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
-        for name in ("warmup_steps", "plateau_patience"):
+        for name in ("warmup_steps", "plateau_patience", "keep_last"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "an integer >= 0")
+        if self.checkpoint_every_n_steps is not None and (
+            isinstance(self.checkpoint_every_n_steps, bool)
+            or not isinstance(self.checkpoint_every_n_steps, int)
+            or self.checkpoint_every_n_steps < 1
+        ):
+            _fail("checkpoint_every_n_steps", self.checkpoint_every_n_steps, "an integer >= 1 or None")
         if self.early_stopping_patience is not None and (
             isinstance(self.early_stopping_patience, bool)
             or not isinstance(self.early_stopping_patience, int)

@@ -32,14 +32,22 @@ class TensorBoardLogger(Logger):
         self.log_dir = Path(log_dir)
         self.flush_secs = flush_secs
         self._writer: Any = None
+        self._purge_step: int | None = None
 
     @property
     def writer(self) -> Any:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
+            self._writer = SummaryWriter(
+                log_dir=str(self.log_dir), flush_secs=self.flush_secs, purge_step=self._purge_step
+            )
         return self._writer
+
+    def on_load_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        # Points a killed run logged after its last checkpoint are logged again by the resumed run;
+        # TensorBoard drops the stale ones when both write into the same directory.
+        self._purge_step = int(checkpoint["global_step"]) + 1
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for name, value in metrics.items():

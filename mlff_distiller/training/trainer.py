@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,19 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .callbacks import Callback
 from .checkpoint import (
+    BEST,
     FORMAT_VERSION,
+    LAST,
+    PREVIOUS,
     CheckpointError,
     capture_rng_state,
+    config_fingerprint,
+    epoch_checkpoints,
+    link_checkpoint,
     load_checkpoint_file,
+    load_latest_checkpoint,
     load_model_state,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -37,8 +48,7 @@ LossFn = Callable[[nn.Module, Any], "torch.Tensor | dict[str, torch.Tensor]"]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
 
-LAST = "last.pt"
-BEST = "best_model.pt"
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # Config fields that may change between an interrupted run and its continuation; any other
 # difference changes the optimisation itself and is refused unless explicitly allowed.
@@ -52,6 +62,9 @@ RESUMABLE_CHANGES = frozenset(
         "early_stopping_patience",
         "early_stopping_min_delta",
         "max_nonfinite_steps",
+        "keep_last",
+        "checkpoint_every_n_steps",
+        "handle_signals",
         "device",
         "extra",
     }
@@ -60,6 +73,19 @@ RESUMABLE_CHANGES = frozenset(
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(Exception):
+    """``fit()`` stopped on SIGTERM/SIGINT after saving its state; resume from ``checkpoint``.
+
+    ``exit_code`` is the conventional status of a process ended by the signal (143 SIGTERM, 130 SIGINT).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + signum
 
 
 class Trainer:
@@ -170,6 +196,9 @@ class Trainer:
         self.history: dict[str, list[float]] = {}
         self.should_stop = False
         self.resumed_from: str | None = None
+        # Position inside the running epoch (None between epochs); saved so a run resumes mid-epoch.
+        self.epoch_progress: dict[str, Any] | None = None
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, list[float]]:
@@ -178,27 +207,29 @@ class Trainer:
         ``history[name][i]`` is metric ``name`` after epoch ``history["epoch"][i]``; metrics not
         computed in an epoch (validation between ``val_interval``s) are NaN there.
         """
-        self._check_checkpoint_dir()
-        if self.resumed_from is None and self.global_step == 0 and self.config.seed is not None:
-            seed_everything(self.config.seed, self.train_loader)
-        for logger in self.loggers:
-            logger.log_config(self.config.to_dict())
-        self.should_stop = False
-        self._call("on_fit_start")
-        try:
-            while self.epoch < self.config.max_epochs and not self.should_stop:
-                self._run_epoch()
-        finally:
-            self._call("on_fit_end")
+        with self._checkpoint_dir_lock(), self._preemption_signals():
+            self._check_checkpoint_dir()
+            if self.resumed_from is None and self.global_step == 0 and self.config.seed is not None:
+                seed_everything(self.config.seed, self.train_loader)
             for logger in self.loggers:
-                logger.close()
+                logger.log_config(self.config.to_dict())
+            self.should_stop = False
+            self._call("on_fit_start")
+            try:
+                while self.epoch < self.config.max_epochs and not self.should_stop:
+                    self._run_epoch()
+                    if self._stop_signal is not None:
+                        self._stop_on_signal(f"after epoch {self.epoch}")
+            finally:
+                self._call("on_fit_end")
+                for logger in self.loggers:
+                    logger.close()
         return self.history
 
     def _run_epoch(self) -> None:
         start = time.perf_counter()
-        lr = self.current_lr()
-        train_metrics, samples = self.train_epoch()
-        train_time = time.perf_counter() - start
+        lr = self.epoch_progress["lr"] if self.epoch_progress is not None else self.current_lr()
+        train_metrics, samples, train_time = self.train_epoch()
         metrics: dict[str, float] = {"epoch": float(self.epoch + 1), **train_metrics, "lr": lr}
         last_epoch = self.epoch + 1 == self.config.max_epochs or self.should_stop
         if self.val_loader is not None and ((self.epoch + 1) % self.config.val_interval == 0 or last_epoch):
@@ -220,22 +251,24 @@ class Trainer:
             ", ".join(f"{k} {v:.5g}" for k, v in metrics.items() if k != "epoch"),
         )
         if self.checkpoint_dir is not None:
-            self.save_checkpoint(self.checkpoint_dir / LAST)
-            if improved:
-                self.save_checkpoint(self.checkpoint_dir / BEST)
+            self._write_checkpoints(best=improved, epoch_end=True)
 
-    def train_epoch(self) -> tuple[dict[str, float], int]:
-        """One pass over ``train_loader``; returns the sample-weighted mean loss terms and the sample count."""
+    def train_epoch(self) -> tuple[dict[str, float], int, float]:
+        """One pass over ``train_loader`` (or the rest of it, after a mid-epoch resume).
+
+        Returns the sample-weighted mean loss terms, the number of samples and the training time in s.
+        """
+        start = time.perf_counter()
         self.model.train()
+        progress = self._begin_epoch_progress()
         self._call("on_train_epoch_start")
         accumulate = self.config.gradient_accumulation_steps
         num_batches = _safe_len(self.train_loader)
-        sums: dict[str, torch.Tensor] = {}  # over applied optimizer steps only
-        samples = processed = 0
+        every = self.config.checkpoint_every_n_steps
         window: dict[str, torch.Tensor] = {}
         window_samples = micro = 0
         self.optimizer.zero_grad(set_to_none=True)
-        for batch_index, batch in enumerate(self.train_loader):
+        for batch_index, batch in self._epoch_batches(progress):
             batch = move_to_device(batch, self.device)
             n = self.batch_size_fn(batch)
             with self._autocast():
@@ -245,28 +278,86 @@ class Trainer:
             detached = {k: v.detach().float() for k, v in terms.items()}
             _accumulate(window, detached, n)
             window_samples += n
-            processed += n
             micro += 1
             self._call("on_train_batch_end", batch_index, detached)
             # A loader without a length ends inside its last window; that window is stepped below.
             if micro == accumulate or batch_index + 1 == num_batches:
-                if self._optimizer_step(window["loss"] / window_samples, micro):
-                    _merge(sums, window)
-                    samples += window_samples
+                self._finish_window(progress, window, window_samples, micro, batch_index)
                 window, window_samples, micro = {}, 0, 0
+                progress["batches"] = batch_index + 1
+                if self._stop_signal is not None:
+                    progress["elapsed_s"] += time.perf_counter() - start
+                    self._stop_on_signal(f"in epoch {self.epoch + 1} after batch {batch_index + 1}")
                 if self.should_stop:
                     break
+                if every is not None and self.global_step % every == 0 and batch_index + 1 != num_batches:
+                    progress["elapsed_s"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    if self.checkpoint_dir is not None:
+                        self._write_checkpoints(best=False, epoch_end=False)
         if micro:
-            if self._optimizer_step(window["loss"] / window_samples, micro):
-                _merge(sums, window)
-                samples += window_samples
-        if processed == 0:
+            self._finish_window(progress, window, window_samples, micro, progress["batches"] + micro - 1)
+            progress["batches"] += micro
+        if progress["batches"] == 0:
             raise RuntimeError("train_loader yielded no batches.")
+        self.epoch_progress = None
+        elapsed = progress["elapsed_s"] + time.perf_counter() - start
+        sums, samples = progress["sums"], progress["samples"]
         if samples == 0:  # every step of the epoch was skipped as non-finite
-            return {"train/loss": math.nan}, processed
-        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, processed
+            return {"train/loss": math.nan}, progress["processed"], elapsed
+        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, progress["processed"], elapsed
 
-    def _optimizer_step(self, loss: torch.Tensor, micro: int) -> bool:
+    def _finish_window(
+        self, progress: dict[str, Any], window: dict[str, torch.Tensor], samples: int, micro: int, batch_index: int
+    ) -> None:
+        """Step on a complete accumulation window and fold it into the epoch's sums."""
+        progress["processed"] += samples
+        if self._optimizer_step(window["loss"] / samples, micro, batch_index):
+            _merge(progress["sums"], window)
+            progress["samples"] += samples
+
+    def _begin_epoch_progress(self) -> dict[str, Any]:
+        if self.epoch_progress is not None:  # resumed mid-epoch
+            return self.epoch_progress
+        loader_generator = getattr(self.train_loader, "generator", None)
+        self.epoch_progress = {
+            "batches": 0,  # micro-batches consumed, always at an optimizer-step boundary when saved
+            "processed": 0,
+            "samples": 0,  # in applied (finite) optimizer steps
+            "sums": {},
+            "elapsed_s": 0.0,
+            "lr": self.current_lr(),
+            # The RNG states the loader's order is drawn from, to replay that order on resume.
+            "rng": capture_rng_state(),
+            "loader_generator": loader_generator.get_state() if isinstance(loader_generator, torch.Generator) else None,
+        }
+        return self.epoch_progress
+
+    def _epoch_batches(self, progress: dict[str, Any]) -> Iterable[tuple[int, Any]]:
+        """The epoch's (index, batch) pairs; after a mid-epoch resume, the order is replayed from the
+        epoch's starting RNG state and the batches already trained on are skipped."""
+        skip = progress["batches"]
+        if skip == 0:
+            return enumerate(self.train_loader)
+        now = capture_rng_state()
+        restore_rng_state(progress["rng"])
+        loader_generator = getattr(self.train_loader, "generator", None)
+        if progress["loader_generator"] is not None and isinstance(loader_generator, torch.Generator):
+            loader_generator.set_state(progress["loader_generator"])
+        iterator = iter(self.train_loader)
+        for skipped in range(skip):
+            try:
+                next(iterator)
+            except StopIteration:
+                raise CheckpointError(
+                    f"The checkpoint stopped after batch {skip} of epoch {self.epoch + 1}, but train_loader now "
+                    f"yields only {skipped} batches: resume with the same data and batch size."
+                ) from None
+        restore_rng_state(now)  # the model's own draws (dropout) continue from the saved state
+        log.info("Resumed inside epoch %d: skipped the %d batches already trained on.", self.epoch + 1, skip)
+        return enumerate(iterator, start=skip)
+
+    def _optimizer_step(self, loss: torch.Tensor, micro: int, batch_index: int = -1) -> bool:
         """Clip, check, step; returns False when the step was skipped as non-finite."""
         lr = self.current_lr()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -293,9 +384,9 @@ class Trainer:
             if applied:
                 self.nonfinite["in_a_row"] = 0
             else:
-                self._skip_nonfinite_step(loss, grad_norm, update_scaler=False)
+                self._skip_nonfinite_step(loss, grad_norm, batch_index, update_scaler=False)
         else:
-            self._skip_nonfinite_step(loss, grad_norm)
+            self._skip_nonfinite_step(loss, grad_norm, batch_index)
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         if self.scheduler is not None and self.config.scheduler_interval == "step" and not self._is_plateau:
@@ -331,7 +422,7 @@ class Trainer:
         return applied
 
     def _skip_nonfinite_step(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor | None, update_scaler: bool = True
+        self, loss: torch.Tensor, grad_norm: torch.Tensor | None, batch_index: int, update_scaler: bool = True
     ) -> None:
         self.nonfinite["in_a_row"] += 1
         self.nonfinite["total"] += 1
@@ -339,9 +430,10 @@ class Trainer:
             self.scaler.update()
         what = f"loss={loss.item()}" + (f", grad_norm={grad_norm.item()}" if grad_norm is not None else "")
         log.warning(
-            "Skipped optimizer step %d of epoch %d: non-finite %s (%d in a row, %d in total).",
-            self.global_step,
+            "Skipped optimizer step %d (epoch %d, batch %d): non-finite %s (%d in a row, %d in total).",
+            self.global_step + 1,
             self.epoch + 1,
+            batch_index + 1,
             what,
             self.nonfinite["in_a_row"],
             self.nonfinite["total"],
@@ -350,8 +442,9 @@ class Trainer:
         if self.nonfinite["in_a_row"] >= self.config.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite['in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
-                f"(last at step {self.global_step}, epoch {self.epoch + 1}; max_nonfinite_steps="
-                f"{self.config.max_nonfinite_steps}). Lower the learning rate, enable grad_clip, or check the data."
+                f"(last at step {self.global_step + 1}, epoch {self.epoch + 1}, batch {batch_index + 1}; "
+                f"max_nonfinite_steps={self.config.max_nonfinite_steps}). Lower the learning rate, enable "
+                "grad_clip, or check the data."
             )
 
     def validate(self, loader: Iterable[Any], prefix: str = "val") -> dict[str, float]:
@@ -491,6 +584,8 @@ class Trainer:
             "rng": capture_rng_state(),
             "loader_generator": loader_generator.get_state() if isinstance(loader_generator, torch.Generator) else None,
             "config": self.config.to_dict(),
+            "config_fingerprint": config_fingerprint(self.config.to_dict(), RESUMABLE_CHANGES),
+            "epoch_progress": self.epoch_progress,
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
         }
         return state
@@ -534,24 +629,52 @@ class Trainer:
         for name, cb_state in state["callbacks"].items():
             if name in self.callbacks:
                 self.callbacks[name].load_state_dict(cb_state)
+        self.epoch_progress = state.get("epoch_progress")
         self.resumed_from = source
         self._call("on_load_checkpoint", state)
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Write the training state to ``path`` atomically."""
+        """Write the training state to ``path`` atomically (refused if a weight is not finite)."""
         state = self.state_dict()
         self._call("on_save_checkpoint", state)
+        _check_finite_weights(state, Path(path))
         return save_checkpoint(state, path)
+
+    def _write_checkpoints(self, best: bool, epoch_end: bool) -> Path:
+        """Write ``last.pt`` (the old one becomes ``previous.pt``) and link ``best_model.pt`` and
+        ``epoch_NNNN.pt`` to it; an old epoch file goes only after its successor is complete."""
+        assert self.checkpoint_dir is not None
+        last = self.checkpoint_dir / LAST
+        if last.is_file():
+            link_checkpoint(last, self.checkpoint_dir / PREVIOUS)
+        self.save_checkpoint(last)
+        if best:
+            link_checkpoint(last, self.checkpoint_dir / BEST)
+        if epoch_end and self.config.keep_last > 0:
+            link_checkpoint(last, self.checkpoint_dir / f"epoch_{self.epoch:04d}.pt")
+            for old in epoch_checkpoints(self.checkpoint_dir)[: -self.config.keep_last]:
+                old.unlink(missing_ok=True)
+        return last
 
     def load_checkpoint(self, path: str | Path, strict_config: bool = True) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save_checkpoint`; ``fit()`` then continues from it.
 
-        With ``strict_config`` a checkpoint whose config differs in a field that changes the
+        ``path`` is a checkpoint file, or a checkpoint (or run) directory: then its newest readable
+        checkpoint is used, falling back past unreadable files with a warning. With
+        ``strict_config`` a checkpoint whose config differs in a field that changes the
         optimisation (anything but max_epochs, intervals, paths, patience) is refused.
         """
-        state = load_checkpoint_file(path, map_location=self.device)
+        if Path(path).is_dir():
+            path, state = load_latest_checkpoint(path, map_location=self.device)
+        else:
+            state = load_checkpoint_file(path, map_location=self.device)
         self.load_state_dict(state, source=str(path), strict_config=strict_config)
-        log.info("Resumed from %s at epoch %d, step %d.", path, self.epoch, self.global_step)
+        where = (
+            f"epoch {self.epoch + 1}, batch {self.epoch_progress['batches']}"
+            if self.epoch_progress
+            else (f"the end of epoch {self.epoch}")
+        )
+        log.info("Resumed from %s at %s (step %d).", path, where, self.global_step)
         return state
 
     def _check_resume_config(self, saved: dict[str, Any], source: str, strict: bool) -> None:
@@ -563,9 +686,11 @@ class Trainer:
         ]
         if diffs and strict:
             raise CheckpointError(
-                f"Checkpoint {source!r} was written with a different training config ("
+                f"Checkpoint {source!r} was written with a different training config (fingerprint "
+                f"{config_fingerprint(saved, RESUMABLE_CHANGES)}, now "
+                f"{config_fingerprint(current, RESUMABLE_CHANGES)}: "
                 + "; ".join(diffs)
-                + "). Resume with the same config, or pass strict_config=False."
+                + "). Resume with the same config, or pass strict_config=False to accept the change."
             )
         if diffs:
             log.warning(
@@ -585,15 +710,94 @@ class Trainer:
             self.scheduler.T_max = max(self.scheduler.T_max, self.config.max_epochs * per_interval)
 
     def _check_checkpoint_dir(self) -> None:
-        if self.checkpoint_dir is None or self.resumed_from is not None or self.config.overwrite_checkpoints:
+        if self.checkpoint_dir is None:
             return
-        existing = [p.name for p in (self.checkpoint_dir / LAST, self.checkpoint_dir / BEST) if p.exists()]
+        removed = remove_stale_temporaries(self.checkpoint_dir)
+        if removed:
+            log.warning("Removed %d unfinished checkpoint write(s) of a killed run: %s", len(removed), removed)
+        if self.resumed_from is not None or self.config.overwrite_checkpoints:
+            return
+        existing = [
+            p.name
+            for p in (self.checkpoint_dir / LAST, self.checkpoint_dir / PREVIOUS, self.checkpoint_dir / BEST)
+            if p.exists()
+        ] + [p.name for p in epoch_checkpoints(self.checkpoint_dir)]
         if existing:
             raise ConfigError(
                 f"checkpoint_dir={str(self.checkpoint_dir)!r} already holds {existing} from another run. "
                 "Resume it with trainer.load_checkpoint(path) before fit(), choose another checkpoint_dir, "
                 "or set overwrite_checkpoints=True."
             )
+
+    # ------------------------------------------------------------------ preemption, exclusive use
+    @contextlib.contextmanager
+    def _preemption_signals(self) -> Iterator[None]:
+        """While ``fit()`` runs, SIGTERM/SIGINT only raise a flag that the loop checks after each
+        optimizer step; a second SIGINT raises KeyboardInterrupt at once, a second SIGTERM kills."""
+        if not self.config.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self._stop_signal = signum
+
+        self._stop_signal = None
+        previous = {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_on_signal(self, where: str) -> None:
+        signum = self._stop_signal
+        assert signum is not None
+        name = signal.Signals(signum).name
+        path = None
+        if self.checkpoint_dir is not None:
+            path = self.checkpoint_dir / LAST
+            if self.epoch_progress is not None:  # at an epoch end last.pt is already current
+                path = self._write_checkpoints(best=False, epoch_end=False)
+        message = f"{name} received: stopped {where} (global step {self.global_step}); " + (
+            f"the training state is in {path}, resume from it." if path else "no checkpoint_dir, nothing saved."
+        )
+        log.warning(message)
+        raise TrainingInterrupted(signum, path, message)
+
+    @contextlib.contextmanager
+    def _checkpoint_dir_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on ``checkpoint_dir`` so that two live runs never write into it."""
+        if self.checkpoint_dir is None:
+            yield
+            return
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            yield
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.checkpoint_dir / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                raise ConfigError(
+                    f"checkpoint_dir={str(self.checkpoint_dir)!r} is in use by another running training "
+                    f"process (pid {owner}); two runs must not share a checkpoint directory. Choose another "
+                    "checkpoint_dir, or wait for that run to end."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # ------------------------------------------------------------------ helpers
     def _record(self, metrics: dict[str, float]) -> None:
@@ -715,6 +919,21 @@ def infer_batch_size(batch: Any) -> int:
         ):
             return infer_batch_size(value)
     return 1
+
+
+def _check_finite_weights(state: dict[str, Any], path: Path) -> None:
+    tensors = dict(state["model"])
+    if state.get("ema"):
+        tensors.update({f"ema.{k}": v for k, v in state["ema"]["shadow"].items()})
+    floats = {k: v for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):
+        return
+    bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
+    raise CheckpointError(
+        f"Refusing to write checkpoint {str(path)!r}: non-finite values in {bad[:5]}"
+        + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        + ". The previous checkpoint is kept; lower the learning rate or enable grad_clip."
+    )
 
 
 def _accumulate(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], n: int) -> None:

@@ -65,7 +65,7 @@ def _loaders():
 
 def test_hook_order_and_counts(tmp_path):
     """fit_start once; per epoch: epoch_start, (batch_end, optimizer_step) per batch, validation_end,
-    epoch_end, then checkpoint saves (last, and best when improved); fit_end once."""
+    epoch_end, then one checkpoint save (last.pt; best_model.pt is linked to it); fit_end once."""
     recorder = HookRecorder()
     train, val = _loaders()
     trainer = make_trainer(
@@ -87,8 +87,7 @@ def test_hook_order_and_counts(tmp_path):
         ("optimizer_step", 0, 2),
         ("validation_end", 0, 2),
         ("epoch_end", 1, 2),
-        ("save_checkpoint", 1, 2),  # last.pt
-        ("save_checkpoint", 1, 2),  # best_model.pt (epoch 1 improved)
+        ("save_checkpoint", 1, 2),  # last.pt; best_model.pt (epoch 1 improved) is a link to it
         ("epoch_start", 1, 2),
         ("batch_end", 1, 2),
         ("optimizer_step", 1, 3),

@@ -72,7 +72,8 @@ def test_last_and_best_files_and_best_is_the_best_epoch(tmp_path):
     here), including that epoch's exact weights; no temp files are left behind."""
     trainer, _, weights = _fit_with_scripted_val(tmp_path, [1.0, 0.25, 0.5, 0.75])
     ckpt = tmp_path / "ckpt"
-    assert sorted(os.listdir(ckpt)) == ["best_model.pt", "last.pt"]
+    assert sorted(os.listdir(ckpt)) == [".lock", "best_model.pt", "last.pt", "previous.pt"]
+    assert torch.load(ckpt / "previous.pt", weights_only=True)["epoch"] == 3
     last = torch.load(ckpt / "last.pt", weights_only=True)
     best = torch.load(ckpt / "best_model.pt", weights_only=True)
     assert (last["epoch"], best["epoch"]) == (4, 2)
