@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,24 @@ log = logging.getLogger("mlff_distiller.train")
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainingConfig)
 
+
+def _run_stamp() -> str:
+    """Date and time (with microseconds) naming the run directory. Under torchrun every process
+    takes rank 0's, so that all of them share one run directory."""
+    stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from mlff_distiller.training import distributed
+
+        distributed.init_from_env()
+        stamp = distributed.broadcast_object(stamp)
+    return stamp
+
+
+OmegaConf.register_new_resolver("mlff_run_stamp", _run_stamp, use_cache=True, replace=True)
+
 # Keys that may differ between a run and its resumption (paths are per run; max_epochs may be raised;
 # callbacks observe the run).
-RESUME_MAY_CHANGE = ("ckpt_path", "allow_config_change", "callbacks", "paths", "trainer.max_epochs")
+RESUME_MAY_CHANGE = ("ckpt_path", "allow_config_change", "auto_resume", "callbacks", "paths", "trainer.max_epochs")
 # TrainingConfig fields that only the Python API uses; on the command line the groups decide.
 GROUP_OWNED = {"trainer.optimizer": "optimizer", "trainer.lr_scheduler": "scheduler"}
 
@@ -42,8 +59,6 @@ def main(cfg: DictConfig) -> float | None:
     """Train with the composed config; returns the best monitored value (for sweepers such as Optuna)."""
     try:
         return train(cfg)
-    except (CLIError, ConfigError) as error:
-        _fail(error)
     except Exception as error:
         from mlff_distiller.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
@@ -51,10 +66,28 @@ def main(cfg: DictConfig) -> float | None:
             overrides = " ".join(o for o in _task_overrides() if not o.startswith("ckpt_path="))
             log.warning("Resume with: mlff-train %s ckpt_path=%s", overrides, Path(cfg.paths.output_dir))
             raise SystemExit(error.exit_code) from None
-        if isinstance(error, (CheckpointError, NonFiniteLossError)) or _is_instantiation_error(error):
+        if _in_multirun():
+            # One failed job (e.g. a trial whose learning rate diverges) must not end a sweep: Hydra
+            # records the exception, sweepers such as Optuna count the trial as failed and go on.
+            log.error("This job failed (%s: %s); the sweep goes on with the other jobs.", type(error).__name__, error)
+            raise
+        known = (CLIError, ConfigError, CheckpointError, NonFiniteLossError)
+        if isinstance(error, known) or _is_instantiation_error(error):
             _fail(error)
         raise
+    finally:
+        from mlff_distiller.training import distributed
+
+        distributed.destroy()
     return None  # unreachable
+
+
+def _in_multirun() -> bool:
+    if not HydraConfig.initialized():
+        return False
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _task_overrides() -> list[str]:
@@ -66,12 +99,19 @@ def train(cfg: DictConfig) -> float | None:
     overrides = _task_overrides()
     _reject_group_owned_overrides(overrides)
     training_config: TrainingConfig = OmegaConf.to_object(cfg.trainer)  # validates every field
-    resume_path, resume_state = _resolve_resume(cfg)
 
     from hydra.utils import instantiate
 
-    from mlff_distiller.training import ConsoleLogger, Trainer
+    from mlff_distiller.training import ConsoleLogger, Trainer, distributed
     from mlff_distiller.training.trainer import seed_everything
+
+    # Under torchrun: join the process group (gloo on CPU, nccl on GPUs); only rank 0 writes files.
+    distributed.init_from_env(training_config.device)
+    training_config.device = distributed.local_device(training_config.device)
+    main_process = distributed.rank() == 0
+    if not main_process:
+        _stop_file_logging()
+    resume_path, resume_state = _resolve_resume(cfg, training_config.checkpoint_dir)
 
     output_dir = Path(cfg.paths.output_dir)
     training_config.extra = {
@@ -105,7 +145,9 @@ def train(cfg: DictConfig) -> float | None:
     )
     if resume_state is not None:
         trainer.load_state_dict(resume_state, source=str(resume_path), strict_config=not cfg.allow_config_change)
-        _carry_best_checkpoint(resume_path, trainer.checkpoint_dir)
+        if main_process:
+            _carry_best_checkpoint(resume_path, trainer.checkpoint_dir)
+        distributed.barrier()
         log.info(
             "Resuming %s at epoch %d (step %d) into %s", resume_path, trainer.epoch, trainer.global_step, output_dir
         )
@@ -119,12 +161,23 @@ def train(cfg: DictConfig) -> float | None:
             "global_step": trainer.global_step,
         }
     )
-    metrics.update(_evaluate_test_split(trainer, data))
-    _write_json(output_dir / "metrics.json", metrics)
+    metrics.update(_evaluate_test_split(trainer, data, show=main_process))
+    if main_process:
+        _write_json(output_dir / "metrics.json", metrics)
     log.info(
         "Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch, output_dir
     )
-    return trainer.best_metric
+    # A run whose monitored metric never became finite reports NaN (a failed trial for sweepers).
+    return trainer.best_metric if trainer.best_metric is not None else math.nan
+
+
+def _stop_file_logging() -> None:
+    """Processes other than rank 0 keep their console output but leave the run's log file to rank 0."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _carry_best_checkpoint(resume_path: Path, checkpoint_dir: Path | None) -> None:
@@ -139,7 +192,7 @@ def _carry_best_checkpoint(resume_path: Path, checkpoint_dir: Path | None) -> No
     shutil.copy2(source, checkpoint_dir / source.name)
 
 
-def _evaluate_test_split(trainer: Any, data: Any) -> dict[str, float]:
+def _evaluate_test_split(trainer: Any, data: Any, show: bool = True) -> dict[str, float]:
     """Evaluate the best checkpoint (EMA weights when kept) on the test split and print a table."""
     test_loader = data.test_loader() if hasattr(data, "test_loader") else None
     best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
@@ -153,7 +206,9 @@ def _evaluate_test_split(trainer: Any, data: Any) -> dict[str, float]:
     results = trainer.evaluate(test_loader, prefix="test")
     if hasattr(data, "force_std"):
         results["test/force_std"] = 1e3 * data.force_std("test")
-    _print_table(results, f"Test split: {len(data.datasets['test'])} structures, best model (epoch {trainer.epoch})")
+    if show:
+        title = f"Test split: {len(data.datasets['test'])} structures, best model (epoch {trainer.epoch})"
+        _print_table(results, title)
     return results
 
 
@@ -193,13 +248,18 @@ def _reject_group_owned_overrides(overrides: list[str]) -> None:
             )
 
 
-def _resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
-    """Find and check the checkpoint named by ``ckpt_path``; a resume that cannot be honoured is an error."""
-    if not cfg.get("ckpt_path"):
-        return None, None
-    from mlff_distiller.training.checkpoint import load_checkpoint_file, load_latest_checkpoint
+def _resolve_resume(cfg: DictConfig, checkpoint_dir: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """Find and check the checkpoint named by ``ckpt_path`` (or, with ``auto_resume``, the run's own
+    checkpoints, as a requeued cluster job finds them); a resume that cannot be honoured is an error."""
+    from mlff_distiller.training.checkpoint import load_checkpoint_file, load_latest_checkpoint, resume_candidates
 
-    path = Path(str(cfg.ckpt_path)).expanduser()
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and cfg.get("auto_resume") and checkpoint_dir and resume_candidates(Path(checkpoint_dir)):
+        ckpt_path = checkpoint_dir
+        log.info("auto_resume: continuing the run in %s", checkpoint_dir)
+    if not ckpt_path:
+        return None, None
+    path = Path(str(ckpt_path)).expanduser()
     if path.is_dir():
         # The newest readable checkpoint of the run; unreadable newer files are skipped with a warning.
         path, state = load_latest_checkpoint(path)

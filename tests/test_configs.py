@@ -124,3 +124,35 @@ def test_composed_job_trains(tmp_path):
     # The optimised quantity (energy + force + stress terms) falls by a fifth in three short epochs.
     assert history["val/loss"][-1] < 0.8 * history["val/loss"][0]
     assert min(history["val/force_mae"]) < 0.9 * history["val/force_mae"][0]
+
+
+@pytest.mark.parametrize(
+    "override,module",
+    [
+        ("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper"),
+        ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher"),
+    ],
+)
+def test_cluster_options_compose(tmp_path, override, module):
+    """The Optuna search space and the SLURM launcher compose with the plugins they name."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (extras [optuna] / [cluster])")
+    with initialize_config_module(config_module="mlff_distiller.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", override], return_hydra_config=True)
+    if override.startswith("hparams_search"):
+        sweeper = cfg.hydra.sweeper
+        assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
+        assert set(sweeper.params) == {
+            "trainer.learning_rate",
+            "model.hidden",
+            "loss.energy_weight",
+            "loss.force_weight",
+        }
+        for key in sweeper.params:  # every searched key exists in the composed config
+            assert OmegaConf.select(cfg, key) is not None, key
+    else:
+        launcher = cfg.hydra.launcher
+        assert launcher._target_.endswith("SlurmLauncher")
+        assert (launcher.gpus_per_node, launcher.timeout_min, launcher.max_num_timeout) == (1, 240, 5)

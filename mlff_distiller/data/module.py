@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .batch import collate_atoms
 from .dataset import AtomsDataset, DataError, read_labelled_structures
@@ -82,14 +83,25 @@ class AtomsDataModule:
         )
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        """Each process of a multi-process run reads its own share; ``batch_size`` is per process.
+
+        Training order is a function of (seed, epoch) whatever the number of processes, so the
+        batches of N processes together are the batches of one process with N times the batch size.
+        """
+        in_group = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if in_group else (1, 0)
+        dataset = self.datasets[split]
+        sampler: Sampler[int] | None = None
+        if shuffle:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        elif world > 1:
+            sampler = _Shard(len(dataset), world, rank)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=collate_atoms,
             num_workers=self.num_workers,
-            generator=generator,
             persistent_workers=self.num_workers > 0,
             worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
         )
@@ -108,6 +120,20 @@ class AtomsDataModule:
         graphs: list[dict[str, Any]] = self.datasets[split].graphs
         forces = torch.cat([g["forces"].reshape(-1) for g in graphs])
         return float(forces.std())
+
+
+class _Shard(Sampler[int]):
+    """Every ``world``-th index from ``rank``, without the padding of DistributedSampler, so that
+    evaluation metrics summed over processes count each structure exactly once."""
+
+    def __init__(self, size: int, world: int, rank: int) -> None:
+        self.indices = list(range(rank, size, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from . import distributed
 from .callbacks import Callback
 from .checkpoint import (
     BEST,
@@ -139,6 +140,15 @@ class Trainer:
         self._check_precision()
 
         self.model = model.to(self.device)
+        # Under torchrun: gradients are averaged by DistributedDataParallel; rank 0 writes all files.
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main_process = self.rank == 0
+        self._ddp: nn.Module | None = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.loss_fn = loss_fn
@@ -180,6 +190,8 @@ class Trainer:
         )
 
         self.loggers: list[Logger] = list(loggers) if loggers is not None else [ConsoleLogger()]
+        if not self.is_main_process:
+            self.loggers = []
         self.callbacks: dict[str, Callback] = _name_callbacks(callbacks)
         for logger in self.loggers:
             self.callbacks.setdefault(f"logger/{type(logger).__name__}", logger)
@@ -218,6 +230,7 @@ class Trainer:
             try:
                 while self.epoch < self.config.max_epochs and not self.should_stop:
                     self._run_epoch()
+                    self._agree_on_stop()
                     if self._stop_signal is not None:
                         self._stop_on_signal(f"after epoch {self.epoch}")
             finally:
@@ -271,10 +284,14 @@ class Trainer:
         for batch_index, batch in self._epoch_batches(progress):
             batch = move_to_device(batch, self.device)
             n = self.batch_size_fn(batch)
-            with self._autocast():
-                terms = self._loss_terms(batch)
-            scaled = terms["loss"] / accumulate
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            steps_now = micro + 1 == accumulate or batch_index + 1 == num_batches
+            # Gradients are averaged across processes only on the micro-batch that completes a window.
+            sync = self._ddp.no_sync() if self._ddp is not None and not steps_now else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    terms = self._loss_terms(batch)
+                scaled = terms["loss"] / accumulate
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             detached = {k: v.detach().float() for k, v in terms.items()}
             _accumulate(window, detached, n)
             window_samples += n
@@ -302,10 +319,36 @@ class Trainer:
             raise RuntimeError("train_loader yielded no batches.")
         self.epoch_progress = None
         elapsed = progress["elapsed_s"] + time.perf_counter() - start
-        sums, samples = progress["sums"], progress["samples"]
+        sums, samples, processed = self._reduce_sums(progress["sums"], progress["samples"], progress["processed"])
         if samples == 0:  # every step of the epoch was skipped as non-finite
-            return {"train/loss": math.nan}, progress["processed"], elapsed
-        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, progress["processed"], elapsed
+            return {"train/loss": math.nan}, processed, elapsed
+        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, processed, elapsed
+
+    def _reduce_sums(
+        self, sums: dict[str, torch.Tensor], samples: int, processed: int = 0
+    ) -> tuple[dict[str, torch.Tensor], int, int]:
+        """Sums over all processes (one all-reduce); unchanged in a single process."""
+        if self.world_size == 1:
+            return sums, samples, processed
+        names = sorted(sums)
+        packed = torch.stack(
+            [sums[k].reshape(()).float() for k in names]
+            + [
+                torch.tensor(float(samples), device=self.device),
+                torch.tensor(float(processed), device=self.device),
+            ]
+        )
+        distributed.all_reduce_(packed)
+        return {k: packed[i] for i, k in enumerate(names)}, int(packed[-2].item()), int(packed[-1].item())
+
+    def _agree_on_stop(self) -> None:
+        """All processes stop at the same step when any of them received SIGTERM/SIGINT."""
+        if self.world_size == 1:
+            return
+        flag = torch.tensor(float(self._stop_signal or 0), device=self.device)
+        distributed.all_reduce_(flag, "max")
+        if flag.item() > 0 and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
 
     def _finish_window(
         self, progress: dict[str, Any], window: dict[str, torch.Tensor], samples: int, micro: int, batch_index: int
@@ -337,6 +380,9 @@ class Trainer:
         """The epoch's (index, batch) pairs; after a mid-epoch resume, the order is replayed from the
         epoch's starting RNG state and the batches already trained on are skipped."""
         skip = progress["batches"]
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: the order is a function of (seed, epoch)
+            sampler.set_epoch(self.epoch)
         if skip == 0:
             return enumerate(self.train_loader)
         now = capture_rng_state()
@@ -377,6 +423,12 @@ class Trainer:
         finite = torch.isfinite(loss)
         if grad_norm is not None and self.scaler is None:
             finite &= torch.isfinite(grad_norm)
+        if self.world_size > 1:  # skip together, and stop together on a signal any process received
+            flags = torch.stack([(~finite).float(), torch.tensor(float(self._stop_signal or 0), device=self.device)])
+            distributed.all_reduce_(flags, "max")
+            finite = flags[0] == 0
+            if flags[1].item() > 0 and self._stop_signal is None:
+                self._stop_signal = int(flags[1].item())
         applied = bool(finite)  # the one host sync per optimizer step
         if applied:
             # Under fp16 the GradScaler itself may skip the step (gradient overflow): same accounting.
@@ -474,6 +526,7 @@ class Trainer:
             for p in frozen:
                 p.requires_grad_(True)
             self.model.train(was_training)
+        sums, samples, _ = self._reduce_sums(sums, samples)
         if samples == 0:
             raise RuntimeError(f"The {prefix} loader yielded no batches.")
         return {f"{prefix}/{k}": (v / samples).item() for k, v in sums.items()}
@@ -481,11 +534,17 @@ class Trainer:
     evaluate = validate
 
     # ------------------------------------------------------------------ loss
+    @property
+    def forward_module(self) -> nn.Module:
+        """The module a loss calls: the DistributedDataParallel wrapper while training under torchrun
+        (so that gradients are averaged), the model itself otherwise."""
+        return self._ddp if self._ddp is not None and self.model.training else self.model
+
     def compute_loss(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Loss for one batch; override in a subclass, or pass ``loss_fn`` to the constructor."""
+        """Loss for one batch; override in a subclass (calling ``self.forward_module``), or pass ``loss_fn``."""
         if self.loss_fn is not None:
-            return self.loss_fn(self.model, batch)
-        return mse_loss(self.model, batch)
+            return self.loss_fn(self.forward_module, batch)
+        return mse_loss(self.forward_module, batch)
 
     def _loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
         out = self.compute_loss(batch)
@@ -586,6 +645,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "config_fingerprint": config_fingerprint(self.config.to_dict(), RESUMABLE_CHANGES),
             "epoch_progress": self.epoch_progress,
+            "world_size": self.world_size,
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
         }
         return state
@@ -630,6 +690,16 @@ class Trainer:
             if name in self.callbacks:
                 self.callbacks[name].load_state_dict(cb_state)
         self.epoch_progress = state.get("epoch_progress")
+        saved_world = state.get("world_size", 1)
+        if self.epoch_progress is not None and saved_world != self.world_size:
+            raise CheckpointError(
+                f"Checkpoint {source!r} stopped inside an epoch of a {saved_world}-process run; its position "
+                f"counts that run's batches, so resume it with {saved_world} process(es), not {self.world_size} "
+                "(or resume from an epoch-end checkpoint such as previous.pt or epoch_NNNN.pt)."
+            )
+        if self.epoch_progress is not None and not self.is_main_process:
+            # The saved partial sums are already totals over all processes; count them once.
+            self.epoch_progress = {**self.epoch_progress, "sums": {}, "samples": 0, "processed": 0}
         self.resumed_from = source
         self._call("on_load_checkpoint", state)
 
@@ -644,6 +714,14 @@ class Trainer:
         """Write ``last.pt`` (the old one becomes ``previous.pt``) and link ``best_model.pt`` and
         ``epoch_NNNN.pt`` to it; an old epoch file goes only after its successor is complete."""
         assert self.checkpoint_dir is not None
+        if self.world_size > 1:
+            self._write_checkpoints_distributed(best, epoch_end)
+        else:
+            self._write_checkpoint_files(best, epoch_end)
+        return self.checkpoint_dir / LAST
+
+    def _write_checkpoint_files(self, best: bool, epoch_end: bool) -> None:
+        assert self.checkpoint_dir is not None
         last = self.checkpoint_dir / LAST
         if last.is_file():
             link_checkpoint(last, self.checkpoint_dir / PREVIOUS)
@@ -654,7 +732,21 @@ class Trainer:
             link_checkpoint(last, self.checkpoint_dir / f"epoch_{self.epoch:04d}.pt")
             for old in epoch_checkpoints(self.checkpoint_dir)[: -self.config.keep_last]:
                 old.unlink(missing_ok=True)
-        return last
+
+    def _write_checkpoints_distributed(self, best: bool, epoch_end: bool) -> None:
+        # Every process takes part (the epoch's partial sums are reduced, the weights checked); rank 0
+        # writes; the others wait, so none reads a checkpoint that is still being written.
+        local = self.epoch_progress
+        if local is not None:
+            sums, samples, processed = self._reduce_sums(local["sums"], local["samples"], local["processed"])
+            self.epoch_progress = {**local, "sums": sums, "samples": samples, "processed": processed}
+        try:
+            _check_finite_weights({"model": self.model.state_dict(), "ema": None}, self.checkpoint_dir / LAST)
+            if self.is_main_process:
+                self._write_checkpoint_files(best, epoch_end)
+        finally:
+            self.epoch_progress = local
+            distributed.barrier()
 
     def load_checkpoint(self, path: str | Path, strict_config: bool = True) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save_checkpoint`; ``fit()`` then continues from it.
@@ -712,7 +804,7 @@ class Trainer:
     def _check_checkpoint_dir(self) -> None:
         if self.checkpoint_dir is None:
             return
-        removed = remove_stale_temporaries(self.checkpoint_dir)
+        removed = remove_stale_temporaries(self.checkpoint_dir) if self.is_main_process else []
         if removed:
             log.warning("Removed %d unfinished checkpoint write(s) of a killed run: %s", len(removed), removed)
         if self.resumed_from is not None or self.config.overwrite_checkpoints:
@@ -772,7 +864,7 @@ class Trainer:
     @contextlib.contextmanager
     def _checkpoint_dir_lock(self) -> Iterator[None]:
         """Hold an exclusive lock on ``checkpoint_dir`` so that two live runs never write into it."""
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.is_main_process:
             yield
             return
         try:

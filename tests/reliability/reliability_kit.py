@@ -119,3 +119,14 @@ class RecordingLogger(Logger):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.records.append((step, dict(metrics)))
+
+
+class CrashInJob(Callback):
+    """Raises at the start of training in multirun job number ``job`` (a trial that fails)."""
+
+    def __init__(self, job: int, this_job: int) -> None:
+        self.job, self.this_job = job, this_job
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if self.this_job == self.job:
+            raise RuntimeError(f"deliberate failure of job {self.job}")
