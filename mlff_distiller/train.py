@@ -71,7 +71,9 @@ def main(cfg: DictConfig) -> float | None:
             # records the exception, sweepers such as Optuna count the trial as failed and go on.
             log.error("This job failed (%s: %s); the sweep goes on with the other jobs.", type(error).__name__, error)
             raise
-        known = (CLIError, ConfigError, CheckpointError, NonFiniteLossError)
+        from mlff_distiller.teachers.calculators import TeacherUnavailableError
+
+        known = (CLIError, ConfigError, CheckpointError, NonFiniteLossError, TeacherUnavailableError)
         if isinstance(error, known) or _is_instantiation_error(error):
             _fail(error)
         raise
@@ -112,6 +114,10 @@ def train(cfg: DictConfig) -> float | None:
     if not main_process:
         _stop_file_logging()
     resume_path, resume_state = _resolve_resume(cfg, training_config.checkpoint_dir)
+    if cfg.get("teacher") is not None and cfg.data.get("path") is None:
+        from mlff_distiller.teachers.calculators import require_teacher
+
+        require_teacher(cfg.teacher.name)  # a missing teacher package stops the run before any work
 
     output_dir = Path(cfg.paths.output_dir)
     training_config.extra = {
@@ -162,6 +168,8 @@ def train(cfg: DictConfig) -> float | None:
         }
     )
     metrics.update(_evaluate_test_split(trainer, data, show=main_process))
+    if cfg.get("distill_report") and main_process:
+        metrics.update(_distill_report(cfg, trainer, data, output_dir))
     if main_process:
         _write_json(output_dir / "metrics.json", metrics)
     log.info(
@@ -169,6 +177,29 @@ def train(cfg: DictConfig) -> float | None:
     )
     # A run whose monitored metric never became finite reports NaN (a failed trial for sweepers).
     return trainer.best_metric if trainer.best_metric is not None else math.nan
+
+
+def _distill_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path) -> dict[str, float]:
+    """Student (best checkpoint, EMA weights) vs teacher on the test split: accuracy, speed, NVE run."""
+    import copy
+
+    from mlff_distiller.data.dataset import read_labelled_structures
+    from mlff_distiller.distill_report import distillation_report, print_report
+    from mlff_distiller.teachers.calculators import make_calculator
+    from mlff_distiller.training import load_model_weights
+
+    best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
+    if best is None or not best.is_file() or not hasattr(data, "split_indices"):
+        log.warning("distill_report needs checkpoints and a data module with a test split; skipped.")
+        return {}
+    student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
+    structures = read_labelled_structures(data.path)
+    test = [structures[i] for i in data.split_indices["test"]]
+    teacher = make_calculator(cfg.teacher.name, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
+    options = OmegaConf.to_container(cfg.distill_report, resolve=True)
+    report = distillation_report(student, teacher, test, output_dir, seed=cfg.seed, **options)
+    print_report(report)
+    return {f"distill/{name}": value for name, value in report.items()}
 
 
 def _stop_file_logging() -> None:

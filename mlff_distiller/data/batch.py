@@ -66,7 +66,7 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
 
     Each item holds ``positions`` (n, 3), ``atomic_numbers`` (n,), ``cell`` (3, 3), ``pbc`` (3,),
     ``edge_index`` (2, e) with 0-based atom indices, ``cell_shifts`` (e, 3), and optionally
-    ``energy`` () and ``forces`` (n, 3).
+    ``energy`` () and ``forces`` (n, 3), and Hessian rows (``hessian_row_coord``, ``hessian_rows``).
     """
     counts = torch.tensor([len(item[keys.ATOMIC_NUMBERS]) for item in items], dtype=torch.long)
     offsets = torch.cumsum(counts, 0) - counts
@@ -87,7 +87,37 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
             out[key] = torch.cat(values) if key == keys.FORCES else torch.stack(values)
         elif any(present):
             raise KeyError(f"Some structures in the batch have {key!r} and others do not.")
+    out.update(_collate_hessian_rows(items, offsets))
     return AtomsBatch(out)
+
+
+def _collate_hessian_rows(
+    items: Sequence[Mapping[str, torch.Tensor]], atom_offsets: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Hessian rows of the items (see ``keys.HESSIAN_KEYS``) re-indexed into the batch's flattened positions.
+
+    Items without rows contribute none; a batch in which no item has rows gets no Hessian keys.
+    """
+    if not any(keys.HESSIAN_ROWS in item for item in items):
+        return {}
+    row_coords, values, entry_rows, entry_coords = [], [], [], []
+    rows_so_far = 0
+    for item, offset in zip(items, atom_offsets.tolist()):
+        if keys.HESSIAN_ROWS not in item:
+            continue
+        rows = item[keys.HESSIAN_ROWS]  # (rows, 3n)
+        count, width = rows.shape
+        row_coords.append(item[keys.HESSIAN_ROW_COORD] + 3 * offset)
+        values.append(rows.reshape(-1))
+        entry_rows.append(torch.arange(rows_so_far, rows_so_far + count).repeat_interleave(width))
+        entry_coords.append((torch.arange(width) + 3 * offset).repeat(count))
+        rows_so_far += count
+    return {
+        keys.HESSIAN_ROW_COORD: torch.cat(row_coords),
+        keys.HESSIAN_ROWS: torch.cat(values),
+        keys.HESSIAN_ENTRY_ROW: torch.cat(entry_rows),
+        keys.HESSIAN_ENTRY_COORD: torch.cat(entry_coords),
+    }
 
 
 def edge_vectors(

@@ -27,7 +27,9 @@ def read_labelled_structures(
 
     Labels come from the attached calculator results (extxyz, .traj, ASE db all keep them), or from
     ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]`` when those keys are given.
-    Returns ASE ``Atoms`` with ``atoms.info["_energy"]`` and ``atoms.arrays["_forces"]`` set.
+    Returns ASE ``Atoms`` with ``atoms.info["_energy"]`` and ``atoms.arrays["_forces"]`` set, and
+    ``atoms.info["_hessian_row_coord"]`` / ``["_hessian_rows"]`` for structures that carry Hessian rows
+    (see :func:`hessian_rows_of`).
     """
     import ase.io
 
@@ -59,6 +61,9 @@ def read_labelled_structures(
             if not np.isfinite(stress).all():
                 raise DataError(f"{where}: stress is not finite (NaN or inf).")
             atoms.info["_stress"] = stress
+        rows = hessian_rows_of(atoms, where)
+        if rows is not None:
+            atoms.info["_hessian_row_coord"], atoms.info["_hessian_rows"] = rows
     # Stress trains only when every structure has it (a set mixing molecules and crystals has none).
     if not all("_stress" in atoms.info for atoms in structures):
         for atoms in structures:
@@ -76,6 +81,34 @@ def _stress(atoms: Any) -> np.ndarray | None:
         xx, yy, zz, yz, xz, xy = stress
         stress = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
     return stress.reshape(3, 3)
+
+
+def hessian_rows_of(atoms: Any, where: str = "structure") -> tuple[np.ndarray, np.ndarray] | None:
+    """The Hessian rows a labelled structure carries, as (coordinate indices (rows,), rows (rows, 3n)), or None.
+
+    They are stored as ``atoms.info["hessian_row_index"]`` and ``atoms.arrays["hessian_rows"]`` (see
+    :mod:`~mlff_distiller.data.keys`); inconsistent or non-finite rows raise :class:`DataError` naming ``where``.
+    """
+    if keys.HESSIAN_ROWS_ARRAY not in atoms.arrays:
+        return None
+    n = len(atoms)
+    if keys.HESSIAN_ROW_INDEX_INFO not in atoms.info:
+        raise DataError(
+            f"{where} has arrays[{keys.HESSIAN_ROWS_ARRAY!r}] but no info[{keys.HESSIAN_ROW_INDEX_INFO!r}]."
+        )
+    coords = np.atleast_1d(np.asarray(atoms.info[keys.HESSIAN_ROW_INDEX_INFO])).astype(np.int64)
+    stored = np.asarray(atoms.arrays[keys.HESSIAN_ROWS_ARRAY], dtype=np.float64).reshape(n, -1)
+    if coords.ndim != 1 or stored.shape[1] != 3 * len(coords):
+        raise DataError(
+            f"{where}: {len(coords)} Hessian row indices but arrays[{keys.HESSIAN_ROWS_ARRAY!r}] has "
+            f"{stored.shape[1]} columns (expected 3 per row)."
+        )
+    if ((coords < 0) | (coords >= 3 * n)).any():
+        raise DataError(f"{where}: Hessian row indices {coords.tolist()} are not all in [0, {3 * n}).")
+    if not np.isfinite(stored).all():
+        raise DataError(f"{where}: Hessian rows are not finite (NaN or inf).")
+    rows = stored.reshape(n, len(coords), 3).transpose(1, 0, 2).reshape(len(coords), 3 * n)
+    return coords, rows
 
 
 def _label(atoms: Any, key: str | None, where_kind: str, where: str, name: str) -> Any:
@@ -118,6 +151,9 @@ def atoms_to_graph(
         graph[keys.FORCES] = torch.tensor(atoms.arrays["_forces"], dtype=dtype)
         if "_stress" in atoms.info:
             graph[keys.STRESS] = torch.tensor(atoms.info["_stress"], dtype=dtype)
+        if "_hessian_rows" in atoms.info:
+            graph[keys.HESSIAN_ROW_COORD] = torch.tensor(atoms.info["_hessian_row_coord"], dtype=torch.long)
+            graph[keys.HESSIAN_ROWS] = torch.tensor(atoms.info["_hessian_rows"], dtype=dtype)
     return graph
 
 

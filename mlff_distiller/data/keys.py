@@ -30,3 +30,24 @@ STRESS = "stress"
 
 ATOMS_KEYS = (POSITIONS, ATOMIC_NUMBERS, CELL, PBC, BATCH, NUM_ATOMS, EDGE_INDEX, CELL_SHIFTS)
 LABEL_KEYS = (ENERGY, FORCES, STRESS)
+
+# Hessian rows (distillation labels): row c of the energy Hessian, H[c, :] = d^2E / dx_c dx, eV/Å², where
+# c = 3 * atom + direction indexes a structure's flattened coordinates. A structure carries a few rows.
+HESSIAN_ROW_COORD = "hessian_row_coord"
+"""Coordinate index c of each Hessian row; (rows,) int64. Per structure: 0 <= c < 3n; in a batch: an index
+into the batch's flattened positions (3 * batch atom + direction)."""
+HESSIAN_ROWS = "hessian_rows"
+"""Hessian row values, eV/Å². Per structure: (rows, 3n); in a batch: (entries,), every row over its own
+structure's 3n coordinates, the rows one after another."""
+HESSIAN_ENTRY_ROW = "hessian_entry_row"
+"""Batches only: the row (index into ``hessian_row_coord``) of each entry of ``hessian_rows``; (entries,) int64."""
+HESSIAN_ENTRY_COORD = "hessian_entry_coord"
+"""Batches only: the column of each entry, an index into the batch's flattened positions; (entries,) int64."""
+
+HESSIAN_KEYS = (HESSIAN_ROW_COORD, HESSIAN_ROWS, HESSIAN_ENTRY_ROW, HESSIAN_ENTRY_COORD)
+
+# Where labelled extended-XYZ files keep Hessian rows (ASE round-trips both):
+HESSIAN_ROW_INDEX_INFO = "hessian_row_index"
+"""``atoms.info`` entry: the coordinate index c of each stored row; (rows,) int (a scalar when one row)."""
+HESSIAN_ROWS_ARRAY = "hessian_rows"
+"""``atoms.arrays`` entry, (n, 3 * rows): ``[a, 3 * k + d]`` = H[c_k, 3 * a + d], eV/Å²."""

@@ -58,7 +58,12 @@ class EnergyForceLoss:
         return error.pow(2).mean()
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        predicted = model(batch)
+        return self.terms(model(batch), batch)
+
+    def terms(
+        self, predicted: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The loss and metrics of the model's output ``predicted`` against the labels in ``batch``."""
         atoms = _atoms_per_structure(batch)
         energy_error = (predicted[keys.ENERGY] - batch[keys.ENERGY]) / atoms
         force_error = predicted[keys.FORCES] - batch[keys.FORCES]

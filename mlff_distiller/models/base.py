@@ -61,6 +61,9 @@ class AtomisticModel(nn.Module):
 
     def _energy_and_forces(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         positions = batch[keys.POSITIONS]
+        # Positions that already require grad mean the caller differentiates the forces again (Hessian
+        # rows, also in validation where the model is in eval mode): the force graph must then be kept.
+        higher_derivatives = positions.requires_grad
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
         inputs = [positions]
@@ -83,7 +86,7 @@ class AtomisticModel(nn.Module):
         energy = torch.zeros(num_structures, dtype=per_atom.dtype, device=per_atom.device)
         energy = energy.index_add(0, batch[keys.BATCH], per_atom)
         # create_graph while training so that a force loss reaches the weights.
-        gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training)
+        gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training or higher_derivatives)
         out = {keys.ENERGY: energy, keys.FORCES: -gradients[0]}
         if self.compute_stress:
             volume = torch.linalg.det(cell).abs()

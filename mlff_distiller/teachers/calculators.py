@@ -132,3 +132,14 @@ def make_calculator(name: str, **kwargs: Any) -> Any:
 def teacher_available(name: str) -> bool:
     """Whether the package behind teacher ``name`` is installed (does not import it)."""
     return importlib.util.find_spec(TEACHERS[_canonical(name)].package) is not None
+
+
+def require_teacher(name: str) -> None:
+    """Raise :class:`TeacherUnavailableError` naming the install command when teacher ``name``'s package
+    is missing (checked before any work starts; nothing is imported)."""
+    spec = TEACHERS[_canonical(name)]
+    if importlib.util.find_spec(spec.package) is None:
+        raise TeacherUnavailableError(
+            f"Teacher {spec.name!r} needs the package {spec.package!r}, which is not installed. Install it with: "
+            f'{spec.install}   (or: pip install "mlff-distiller[{spec.name}]" where that extra exists).'
+        )

@@ -91,14 +91,17 @@ def _md_snapshots(
     friction_per_fs: float,
     equilibration_steps: int,
     interval: int,
+    calculator: Any | None = None,
 ) -> list[Atoms]:
+    """``count`` snapshots, one every ``interval`` steps after ``equilibration_steps``, of a Langevin run
+    from Maxwell-Boltzmann momenta at ``temperature`` driven by ``calculator`` (default: EMT)."""
     from ase import units
     from ase.calculators.emt import EMT
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
 
     atoms = atoms.copy()
-    atoms.calc = EMT()
+    atoms.calc = EMT() if calculator is None else calculator
     # Maxwell-Boltzmann momenta (written out: ASE renamed its helper in 3.29), centre-of-mass motion removed.
     masses = atoms.get_masses()[:, None]
     momenta = rng.standard_normal((len(atoms), 3)) * np.sqrt(masses * units.kB * temperature)

@@ -5,6 +5,8 @@ it finished. Rerunning with the same structures and output computes only the res
 the file must be the requested structures' prefix (same elements, cell, pbc and positions), and a frame
 torn by a kill mid-write is cut off first. Labels are stored the way ASE reads them back as a
 ``SinglePointCalculator``: ``ase.io.read(path, ":")[i].get_potential_energy()`` / ``.get_forces()``.
+Optional Hessian rows (for distillation) are computed with a structure's other labels and stored with it
+(:mod:`.hessian`), so they are cached and resumed alike.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..data import keys
+from .hessian import DEFAULT_DELTA
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -90,8 +95,16 @@ def _same_structure(stored: Atoms, wanted: Atoms) -> str | None:
     return None
 
 
-def _prepare_existing(path: Path, structures: Sequence[Atoms]) -> int:
-    """Cut off a torn last frame, check the stored frames are the requested prefix; return their count."""
+def _same_hessian_rows(stored: Atoms, wanted: int) -> str | None:
+    """Why ``stored`` does not carry ``wanted`` Hessian rows (None if it does)."""
+    has_rows = keys.HESSIAN_ROWS_ARRAY in stored.arrays and keys.HESSIAN_ROW_INDEX_INFO in stored.info
+    count = len(np.atleast_1d(stored.info[keys.HESSIAN_ROW_INDEX_INFO])) if has_rows else 0
+    return None if count == wanted else f"{count} Hessian rows stored, {wanted} requested"
+
+
+def _prepare_existing(path: Path, structures: Sequence[Atoms], hessian_rows: int = 0) -> int:
+    """Cut off a torn last frame, check the stored frames are the requested prefix (with ``hessian_rows``
+    Hessian rows each, up to 3n); return their count."""
     import ase.io
 
     frames, end, size = complete_frames(path)
@@ -110,7 +123,7 @@ def _prepare_existing(path: Path, structures: Sequence[Atoms]) -> int:
         )
     stored = ase.io.read(path, index=":", format="extxyz")
     for index, (old, new) in enumerate(zip(stored, structures)):
-        reason = _same_structure(old, new)
+        reason = _same_structure(old, new) or _same_hessian_rows(old, min(hessian_rows, 3 * len(new)))
         if reason is not None:
             raise LabelFileMismatchError(
                 f"{path} holds labels for other structures than requested (structure {index}: {reason}); "
@@ -119,11 +132,13 @@ def _prepare_existing(path: Path, structures: Sequence[Atoms]) -> int:
     return frames
 
 
-def _label_one(atoms: Atoms, calculator: Any, index: int) -> Atoms:
+def _label_one(atoms: Atoms, calculator: Any, index: int, hessian: dict[str, Any] | None = None) -> Atoms:
     from ase.calculators.singlepoint import SinglePointCalculator
 
+    from .hessian import label_hessian_rows
+
     work = atoms.copy()  # keeps info (provenance) and arrays
-    for key in _RESULT_KEYS:  # stale labels from an earlier teacher would clash with the new ones
+    for key in (*_RESULT_KEYS, keys.HESSIAN_ROW_INDEX_INFO, keys.HESSIAN_ROWS_ARRAY):  # stale labels would clash
         work.info.pop(key, None)
         if key in work.arrays:
             del work.arrays[key]
@@ -144,6 +159,10 @@ def _label_one(atoms: Atoms, calculator: Any, index: int) -> Atoms:
             raise NonFiniteLabelError(f"The teacher returned a non-finite stress for structure {index}: {stress}.")
         results["stress"] = stress
     work.calc = SinglePointCalculator(work, **results)
+    if hessian is not None and hessian["rows"] > 0:
+        label_hessian_rows(work, calculator, hessian["rows"], hessian["seed"], index, hessian["delta"])
+        if not np.isfinite(work.arrays[keys.HESSIAN_ROWS_ARRAY]).all():
+            raise NonFiniteLabelError(f"The teacher's Hessian rows of structure {index} are not finite.")
     return work
 
 
@@ -164,6 +183,9 @@ def label_structures(
     output: str | os.PathLike[str],
     chunk_size: int = 50,
     progress: bool = True,
+    hessian_rows: int = 0,
+    hessian_delta: float = DEFAULT_DELTA,
+    hessian_seed: int = 0,
 ) -> Path:
     """Compute energy and forces of every structure with ``calculator`` and write them to ``output``.
 
@@ -171,13 +193,19 @@ def label_structures(
     structures' ``info`` (e.g. ``config_type``) is kept. If ``output`` exists it must hold a prefix of
     ``structures`` (else :class:`LabelFileMismatchError`); only the rest is computed. A NaN/inf label
     raises :class:`NonFiniteLabelError` naming the structure's index, after saving those before it.
+    With ``hessian_rows > 0`` each structure also gets that many rows of the teacher's energy Hessian
+    (random, seeded by ``(hessian_seed, index)``; central differences with ``hessian_delta`` Å, 2 more
+    calls per row, unless the calculator has ``hessian_rows()``; see :mod:`.hessian`).
     Returns the output path.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if hessian_rows < 0:
+        raise ValueError(f"hessian_rows must be >= 0, got {hessian_rows}.")
+    hessian = {"rows": int(hessian_rows), "delta": float(hessian_delta), "seed": int(hessian_seed)}
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = _prepare_existing(path, structures) if path.exists() else 0
+    done = _prepare_existing(path, structures, hessian_rows) if path.exists() else 0
     total = len(structures)
     if done == total:
         log.info("%s already holds all %d labelled structures.", path, total)
@@ -197,7 +225,7 @@ def label_structures(
             labelled: list[Atoms] = []
             try:
                 for index in range(start, min(start + chunk_size, total)):
-                    labelled.append(_label_one(structures[index], calculator, index))
+                    labelled.append(_label_one(structures[index], calculator, index, hessian))
                     bar.advance(task)
             finally:  # keep what this chunk finished, even when the teacher fails or we are interrupted
                 if labelled:

@@ -1,0 +1,163 @@
+"""Distillation sampling: seeds by name or file, rattle + strain, MD, deduplication, provenance, and the
+cached, resumable labelled set."""
+
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+
+from mlff_distiller.teachers import calculators as calculators_module
+from mlff_distiller.teachers import read_labelled
+from mlff_distiller.teachers.hessian import stored_hessian_rows
+from mlff_distiller.teachers.sampling import (
+    build_distillation_dataset,
+    deduplicate,
+    rattle_and_strain,
+    sample_structures,
+    seed_structures,
+)
+
+SMALL = {
+    "system_options": {"min_atoms": 8},
+    "num_rattle": 6,
+    "temperatures": [600.0],
+    "snapshots_per_run": 3,
+    "equilibration_steps": 5,
+    "snapshot_interval": 5,
+    "hessian_rows": 1,
+}
+
+
+def test_seeds_by_name_and_from_a_file(tmp_path):
+    (cu,) = seed_structures("Cu")
+    assert len(cu) == 32 and cu.pbc.all() and set(cu.get_chemical_symbols()) == {"Cu"}
+    np.testing.assert_allclose(cu.cell.lengths(), [7.22, 7.22, 3.61 * 2])
+    alloys = seed_structures("CuAu", num_seeds=3, fraction_range=(0.25, 0.5), seed=1)
+    assert len(alloys) == 3
+    for atoms in alloys:
+        fraction = np.mean(atoms.numbers == 79)
+        assert 0.25 <= fraction <= 0.5
+        a_vegard = (1 - fraction) * 3.61 + fraction * 4.08
+        assert atoms.get_volume() / len(atoms) == pytest.approx(a_vegard**3 / 4)
+        assert atoms.info["provenance"].startswith("seed:alloy=CuAu:Au=")
+    (water,) = seed_structures("H2O")
+    assert len(water) == 3 and not water.pbc.any() and water.info["provenance"] == "seed:molecule=H2O"
+    (salt,) = seed_structures("NaCl", kind="bulk", crystalstructure="rocksalt", lattice_constant=5.64)
+    assert len(salt) == 32 and salt.get_chemical_formula() == "Cl16Na16"
+
+    ase.io.write(tmp_path / "seeds.extxyz", [cu, water])
+    from_file = seed_structures(path=tmp_path / "seeds.extxyz")
+    assert [len(a) for a in from_file] == [32, 3]
+    assert from_file[1].info["provenance"] == "seed:file=seeds.extxyz:index=1"
+    with pytest.raises(ValueError, match="neither an element"):
+        seed_structures("Xyzzy")
+    with pytest.raises(ValueError, match="exactly one"):
+        seed_structures("Cu", path=tmp_path / "seeds.extxyz")
+
+
+def test_rattle_and_strain_are_seeded_and_bounded():
+    seeds = seed_structures("Cu", min_atoms=32)
+    rattled = rattle_and_strain(seeds, 4, rattle_std=0.05, strain_max=0.02, seed=3)
+    again = rattle_and_strain(seeds, 4, rattle_std=0.05, strain_max=0.02, seed=3)
+    for a, b in zip(rattled, again):
+        np.testing.assert_array_equal(a.positions, b.positions)
+    lengths = np.array([atoms.cell.lengths() for atoms in rattled]) / seeds[0].cell.lengths()
+    assert np.abs(lengths - 1).max() <= 0.02 + 1e-9 and np.abs(lengths - 1).max() > 0.002
+    unstrained = rattle_and_strain(seeds, 1, rattle_std=0.05, strain_max=0.0, seed=3)[0]
+    displacement = unstrained.positions - seeds[0].positions
+    displacement -= np.round(displacement / 3.61) * 3.61  # undo wrapping into the cell
+    assert np.std(displacement) == pytest.approx(0.05, rel=0.15)
+    assert rattled[2].info == {
+        "provenance": "rattle:seed=0:i=2:std=0.05:strain=0.02",
+        "config_type": "rattle",
+        "seed_index": 0,
+    }
+
+
+def test_deduplicate_removes_moved_permuted_copies_and_keeps_rattled_ones():
+    seeds = seed_structures("CuAu", num_seeds=1, min_atoms=16)
+    original = rattle_and_strain(seeds, 1, rattle_std=0.05, seed=0)[0]
+    copy = original[np.random.default_rng(0).permutation(len(original))]  # reordered atoms
+    copy.translate([0.3, -1.0, 2.0])
+    copy.wrap()
+    nearby = original.copy()
+    nearby.positions[3] += 0.02  # a genuinely different structure
+    kept = deduplicate([original, copy, nearby, original.copy()], tolerance=0.01)
+    assert len(kept) == 2 and kept[0] is original and kept[1] is nearby
+    rotated = seed_structures("H2O")[0]
+    spun = rotated.copy()
+    spun.rotate(40, "z", center="COM")
+    assert len(deduplicate([rotated, spun])) == 1
+
+
+def test_sampled_structures_carry_provenance():
+    seeds = seed_structures("CuAu", num_seeds=2, min_atoms=8)
+    structures = sample_structures(
+        seeds,
+        EMT(),
+        num_rattle=5,
+        temperatures=(300, 900),
+        snapshots_per_run=3,
+        equilibration_steps=5,
+        snapshot_interval=5,
+    )
+    kinds = [atoms.info["config_type"] for atoms in structures]
+    assert kinds.count("rattle") == 5 and kinds.count("md_300K") == 3 and kinds.count("md_900K") == 3
+    assert all("provenance" in atoms.info for atoms in structures)
+    md = [atoms for atoms in structures if atoms.info["config_type"] == "md_900K"]
+    assert [atoms.info["provenance"] for atoms in md] == [f"md:T=900K:seed=1:run=1:step={s}" for s in (10, 15, 20)]
+    assert {atoms.info["md_run"] for atoms in md} == {1}
+    for atoms in structures:
+        distances = atoms.get_all_distances(mic=True)[np.triu_indices(len(atoms), k=1)]
+        assert distances.min() > 1.8
+
+
+def _counting_teachers(monkeypatch, counting_emt, fail_after=None):
+    """make_calculator returns counting EMTs; the first one made (the teacher) may die after some calls."""
+    made = []
+
+    def make_calculator(name, **kwargs):
+        made.append(counting_emt(fail_after=fail_after if not made else None))
+        return made[-1]
+
+    monkeypatch.setattr(calculators_module, "make_calculator", make_calculator)
+    return made
+
+
+def test_distillation_set_is_cached_labelled_with_rows_and_resumable(tmp_path, monkeypatch, counting_emt):
+    made = _counting_teachers(monkeypatch, counting_emt, fail_after=20)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        build_distillation_dataset(
+            "Cu", cache_dir=tmp_path / "a", md_driver="emt", chunk_size=2, progress=False, **SMALL
+        )
+    assert len(made) == 2 and made[1].calls > 0  # the cheap MD driver ran
+    assert len(list((tmp_path / "a").glob("*.sampled.extxyz"))) == 1
+    assert not [p for p in (tmp_path / "a").glob("*.extxyz") if p.name.count(".") == 1]  # no final-looking file
+
+    made = _counting_teachers(monkeypatch, counting_emt)
+    path = build_distillation_dataset(
+        "Cu", cache_dir=tmp_path / "a", md_driver="emt", chunk_size=2, progress=False, **SMALL
+    )
+    assert len(made) == 1  # no MD again: the sampled structures were kept
+    frames = read_labelled(path)
+    # 1 seed + 6 rattled + 3 MD snapshots; 3 calls each (energy+forces, 2 for the Hessian row); 6 done before
+    assert len(frames) == 10 and made[0].calls == 3 * 10 - 18
+    assert not list((tmp_path / "a").glob("*.partial.extxyz")) and not list((tmp_path / "a").glob("*.sampled*"))
+    for frame in frames:
+        coords, rows = stored_hessian_rows(frame)
+        assert coords.shape == (1,) and rows.shape == (1, 24) and np.isfinite(rows).all()
+        assert frame.info["provenance"].split(":")[0] in {"seed", "rattle", "md"}
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["num_structures"] == 10 and meta["config"]["hessian"]["rows"] == 1
+
+    made = _counting_teachers(monkeypatch, counting_emt)
+    assert build_distillation_dataset("Cu", cache_dir=tmp_path / "a", md_driver="emt", progress=False, **SMALL) == path
+    assert made == []  # cached: no calculator built
+    fresh = build_distillation_dataset(
+        "Cu", cache_dir=tmp_path / "b", md_driver="emt", chunk_size=2, progress=False, **SMALL
+    )
+    assert fresh.name == path.name and fresh.read_bytes() == path.read_bytes()
