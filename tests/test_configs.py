@@ -22,9 +22,13 @@ def options(group: str) -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in CONF.joinpath(group).iterdir() if p.name.endswith(".yaml"))
 
 
-def compose_cfg(tmp_path: Path, *overrides: str):
+def compose_cfg(tmp_path: Path, *overrides: str, experiment: str = "smoke"):
     with initialize_config_module(config_module="mlff_distiller.conf", version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={tmp_path}", "experiment=smoke", *overrides])
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}", f"experiment={experiment}", *overrides])
+
+
+# Options that belong to the distillation path are tried at its reduced size (EMT stands in for the teacher).
+DISTILL_SMOKE = {("data", "distill"), ("loss", "energy_force_hessian"), ("experiment", "distill_smoke")}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,13 @@ def test_every_option_composes_and_instantiates(tmp_path, smoke_file, group, opt
     extra = (
         [f"data.path={smoke_file}", "data.num_val=8", "data.num_test=8"] if (group, option) == ("data", "file") else []
     )
-    cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
+    if group == "experiment" and option.startswith("distill_") and option != "distill_smoke":
+        check_distill_experiment(compose_cfg(tmp_path, experiment=option))
+        return
+    if (group, option) in DISTILL_SMOKE:
+        cfg = compose_cfg(tmp_path, f"{group}={option}", experiment="distill_smoke")
+    else:
+        cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
     training_config = OmegaConf.to_object(cfg.trainer)
     assert isinstance(training_config, TrainingConfig)
     if group == "teacher":
@@ -70,6 +80,19 @@ def test_every_option_composes_and_instantiates(tmp_path, smoke_file, group, opt
         assert hasattr(scheduler, "step")
     for logger in loggers:
         assert Path(logger.log_dir).is_relative_to(tmp_path)
+
+
+def check_distill_experiment(cfg) -> None:
+    """A foundation-model distillation recipe: composed and its model and loss built; its data (minutes of
+    teacher labelling) is built by the distill_smoke stand-in instead."""
+    assert cfg.teacher.name in ("chgnet", "sevenn")
+    assert cfg.data.source._target_.endswith("build_distillation_dataset") and cfg.data.source.hessian_rows > 0
+    assert cfg.data.source.teacher == cfg.teacher.name
+    assert instantiate(cfg.loss).hessian_weight > 0
+    assert instantiate(cfg.model).compute_stress is True
+    assert set(cfg.distill_report) >= {"speed_sizes", "md_time_ps"}
+    OmegaConf.to_object(cfg.trainer)
+    check_teacher(cfg)
 
 
 def check_teacher(cfg) -> None:
