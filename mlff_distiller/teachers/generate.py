@@ -237,6 +237,16 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{value!r} cannot be part of a dataset configuration (it must be JSON-serialisable).")
 
 
+def _commit_dataset(partial: Path, path: Path, sidecar: Path, **meta: Any) -> None:
+    """Write the JSON sidecar (``meta`` plus the file's size and hash), then rename the finished
+    ``partial`` file to ``path``: the final name appears only for a complete set."""
+    meta.update(file=path.name, bytes=partial.stat().st_size, sha256=_sha256(partial))
+    temporary = sidecar.with_name(sidecar.name + ".tmp")
+    temporary.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, sidecar)
+    os.replace(partial, path)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -327,18 +337,14 @@ def build_default_dataset(
         calculator = make_calculator(teacher, **teacher_kwargs)
         label_structures(structures, calculator, partial, chunk_size=chunk_size, progress=progress)
         labelled = time.perf_counter()
-        meta = {
-            "config": config,
-            "file": path.name,
-            "bytes": partial.stat().st_size,
-            "sha256": _sha256(partial),
-            "seconds_generate": round(generated - started, 2),
-            "seconds_label": round(labelled - generated, 2),
-        }
-        temporary = directory / f"{stem}.json.tmp"
-        temporary.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, sidecar)
-        os.replace(partial, path)  # the commit: the final name appears only for a complete set
+        _commit_dataset(
+            partial,
+            path,
+            sidecar,
+            config=config,
+            seconds_generate=round(generated - started, 2),
+            seconds_label=round(labelled - generated, 2),
+        )
         timing = f"generated in {generated - started:.1f} s, labelled in {labelled - generated:.1f} s"
         _announce(f"Dataset ready: {path} ({timing})", progress)
     return path

@@ -32,6 +32,7 @@ import numpy as np
 from .generate import (
     LATTICE_CONSTANTS,
     _announce,
+    _commit_dataset,
     _exclusive,
     _fresh,
     _is_complete,
@@ -471,19 +472,15 @@ def build_distillation_dataset(
             hessian_seed=seed,
         )
         labelled = time.perf_counter()
-        meta = {
-            "config": config,
-            "file": path.name,
-            "bytes": partial.stat().st_size,
-            "sha256": _sha256(partial),
-            "num_structures": len(structures),
-            "seconds_sample": round(sampled - started, 2),
-            "seconds_label": round(labelled - sampled, 2),
-        }
-        temporary = directory / f"{stem}.json.tmp"
-        temporary.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, sidecar)
-        os.replace(partial, path)
+        _commit_dataset(
+            partial,
+            path,
+            sidecar,
+            config=config,
+            num_structures=len(structures),
+            seconds_sample=round(sampled - started, 2),
+            seconds_label=round(labelled - sampled, 2),
+        )
         sampled_path.unlink(missing_ok=True)
         _announce(
             f"Distillation set ready: {path} ({len(structures)} structures; sampled in {sampled - started:.1f} s, "
