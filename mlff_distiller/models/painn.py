@@ -19,7 +19,9 @@ from .common import (
     init_radial_,
     minus_isolated,
     mlp,
+    pair_edges,
     scatter_sum,
+    times_edge_filter,
 )
 
 VECTOR_NORM_EPS = 1e-4
@@ -35,7 +37,8 @@ class PaiNNMessage(nn.Module):
     dv_i = sum_j v_j phi_vv_j W_vv(r_ij) + u_ij phi_vs_j W_vs(r_ij)  (u_ij = r_ij / |r_ij|),
     both divided by the average neighbour count. The three parts are kept as separate (E, H) tensors
     (no split of an (E, 3H) one) and v_j * phi_vv_j is formed per atom before the gather: both save
-    edge-sized work in the double backward.
+    edge-sized work in the double backward. ``rbf`` may hold one row per edge or, for paired edges,
+    one per pair (see :class:`~.common.PairedEdges`); ``units`` always has one row per edge.
     """
 
     def __init__(self, hidden: int, num_rbf: int, first: bool = False) -> None:
@@ -60,14 +63,17 @@ class PaiNNMessage(nn.Module):
         i, j = edge_index
         n = s.shape[0]
         phi = self.phi(s).split(self.hidden, dim=-1)
-        ds = torch.index_select(phi[0], 0, j) * self.filter_s(rbf)  # (E, H)
-        dvs = torch.index_select(phi[1], 0, j) * self.filter_vs(rbf)  # (E, H)
+        ds = times_edge_filter(torch.index_select(phi[0], 0, j), self.filter_s(rbf))  # (E, H)
+        dvs = times_edge_filter(torch.index_select(phi[1], 0, j), self.filter_vs(rbf))  # (E, H)
         dv = units.unsqueeze(-1) * dvs.unsqueeze(1)  # (E, 3, H)
         if self.filter_vv is not None:
             if v is None:
                 raise ValueError("Only the first PaiNN message block can start without vector features.")
             gathered = torch.index_select(v * phi[2].unsqueeze(1), 0, j)  # (E, 3, H)
-            dv = torch.addcmul(dv, gathered, self.filter_vv(rbf).unsqueeze(1))
+            filter_vv = self.filter_vv(rbf)
+            if filter_vv.shape[0] != gathered.shape[0]:  # paired edges: an (E, 3, H) product is faster unbroadcast
+                filter_vv = torch.cat([filter_vv, filter_vv])
+            dv = torch.addcmul(dv, gathered, filter_vv.unsqueeze(1))
         s = s + scatter_sum(ds, i, n) / avg_num_neighbors
         dv = scatter_sum(dv, i, n) / avg_num_neighbors
         return s, dv if v is None else v + dv
@@ -100,7 +106,7 @@ class PaiNN(AtomisticModel):
 
     * Distances are expanded in ``num_rbf`` sine (Bessel) functions, multiplied by the cosine cutoff
       once per forward; the filters are bias-free linear maps of that basis, so every message
-      vanishes with zero slope at the cutoff.
+      vanishes with zero slope at the cutoff. An edge and its reverse share their filters.
     * Each of the ``interactions`` blocks is a message (over ``edge_index``, sums divided by
       ``avg_num_neighbors``) followed by an update; the energy is read out from s only.
     * The per-atom output is the readout less that of an isolated atom of the same element (an
@@ -137,9 +143,11 @@ class PaiNN(AtomisticModel):
 
     def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         numbers = batch[keys.ATOMIC_NUMBERS]
-        edge_index = batch[keys.EDGE_INDEX]
+        edge_index, vectors, paired = pair_edges(batch, vectors)
         geometry = edge_geometry(vectors, self.rbf, self.cutoff)
         units = vectors / geometry.distances.unsqueeze(-1)
+        if paired:  # the reversed edges point the other way
+            units = torch.cat([units, -units])
         rbf = geometry.radial
         s, v = self.embedding(append_isolated_atoms(numbers, self.max_z)), None
         for message, update in zip(self.messages, self.updates):

@@ -20,7 +20,9 @@ from .common import (
     init_radial_,
     minus_isolated,
     mlp,
+    pair_edges,
     scatter_sum,
+    times_edge_filter,
 )
 
 
@@ -29,7 +31,8 @@ class SchNetInteraction(nn.Module):
 
     The filter network W(r) = Dense(ssp(Dense(rbf(r) * cosine_cutoff(r)))) has no biases and
     ssp(0) = 0, so W and its slope vanish at the cutoff; putting the envelope on the (E, num_rbf) basis
-    instead of on the (E, hidden) filter saves edge-sized work in the double backward.
+    instead of on the (E, hidden) filter saves edge-sized work in the double backward. ``rbf`` may
+    hold one row per edge or, for paired edges, one per pair (see :class:`~.common.PairedEdges`).
     """
 
     def __init__(self, hidden: int, num_rbf: int) -> None:
@@ -44,7 +47,7 @@ class SchNetInteraction(nn.Module):
         self, h: torch.Tensor, rbf: torch.Tensor, edge_index: torch.Tensor, avg_num_neighbors: torch.Tensor
     ) -> torch.Tensor:
         i, j = edge_index
-        x = torch.index_select(self.in2f(h), 0, j) * self.filter(rbf)  # (E, H)
+        x = times_edge_filter(torch.index_select(self.in2f(h), 0, j), self.filter(rbf))  # (E, H)
         return h + self.f2out(scatter_sum(x, i, h.shape[0]) / avg_num_neighbors)
 
 
@@ -54,7 +57,7 @@ class SchNet(AtomisticModel):
     * Distances are expanded in ``num_rbf`` Gaussians on [0, cutoff], multiplied by the cosine cutoff
       once per forward and shared by the (bias-free) filter networks of all blocks, so energy and
       forces are continuous as atoms cross the cutoff. Neighbour sums are divided by
-      ``avg_num_neighbors``.
+      ``avg_num_neighbors``. An edge and its reverse share their filters (computed once per pair).
     * The per-atom output is the readout less that of an isolated atom of the same element (an
       extra edge-less node per element rides along through the blocks), so an atom without
       neighbours contributes exactly its reference energy from the dataset statistics.
@@ -88,9 +91,8 @@ class SchNet(AtomisticModel):
 
     def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         numbers = batch[keys.ATOMIC_NUMBERS]
-        edge_index = batch[keys.EDGE_INDEX]
-        geometry = edge_geometry(vectors, self.rbf, self.cutoff)
-        rbf = geometry.radial
+        edge_index, vectors, _ = pair_edges(batch, vectors)
+        rbf = edge_geometry(vectors, self.rbf, self.cutoff).radial
         h = self.embedding(append_isolated_atoms(numbers, self.max_z))
         for block in self.interactions:
             h = block(h, rbf, edge_index, self.avg_num_neighbors)

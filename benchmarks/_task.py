@@ -1,0 +1,52 @@
+"""The default job's task, built once for the benchmark scripts: the default Cu-Au EMT set (from the
+dataset cache), the default SchNet/PaiNN student with stress, and the default loss (weights 10/30/1).
+Mirrors conf/ (data/cuau_alloy, model/*, loss/energy_force, trainer/default); not a benchmark itself."""
+
+from __future__ import annotations
+
+import torch
+
+CUTOFF = 5.0
+BATCH_SIZE = 32
+LEARNING_RATE = 5e-3
+GRAD_CLIP = 10.0
+EMA_DECAY = 0.99
+_DATA: dict[tuple, object] = {}
+
+
+def data_module(num_train: int | None = None, num_val: int = 100, batch_size: int = BATCH_SIZE, num_workers: int = 0):
+    """`AtomsDataModule` of the default job (1,100 structures, MD-run split), training set capped at ``num_train``."""
+    from mlff_distiller.data.module import AtomsDataModule
+    from mlff_distiller.teachers.generate import build_default_dataset
+
+    key = (num_train, num_val, batch_size, num_workers)
+    if key not in _DATA:
+        path = build_default_dataset(num_structures=1100, seed=0, progress=False)
+        _DATA[key] = AtomsDataModule(
+            path=str(path),
+            cutoff=CUTOFF,
+            num_val=num_val,
+            num_test=200,
+            num_train=num_train,
+            batch_size=batch_size,
+            val_batch_size=50,
+            num_workers=num_workers,
+            group_key="md_run",
+        )
+    return _DATA[key]
+
+
+def student(name: str, data, seed: int = 0) -> torch.nn.Module:
+    """The default student of that name (64 features, 3 interactions), with stress, on the data's statistics."""
+    from mlff_distiller.models.painn import PaiNN
+    from mlff_distiller.models.schnet import SchNet
+
+    torch.manual_seed(seed)
+    model = {"schnet": SchNet, "painn": PaiNN}[name]
+    return model(cutoff=CUTOFF, statistics=data.statistics, compute_stress=True)
+
+
+def loss_function():
+    from mlff_distiller.losses.energy_force import EnergyForceLoss
+
+    return EnergyForceLoss(energy_weight=10.0, force_weight=30.0, stress_weight=1.0)
