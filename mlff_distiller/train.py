@@ -58,7 +58,9 @@ class CLIError(Exception):
 def main(cfg: DictConfig) -> float | None:
     """Train with the composed config; returns the best monitored value (for sweepers such as Optuna)."""
     try:
-        return train(cfg)
+        result = train(cfg)
+        _leave_process_group()
+        return result
     except Exception as error:
         from mlff_distiller.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
@@ -77,11 +79,17 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(error, known) or _is_instantiation_error(error):
             _fail(error)
         raise
-    finally:
+    return None  # unreachable
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, wait for every process, then leave the group together (a process that tears
+    its connections down while another still uses them can abort)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from mlff_distiller.training import distributed
 
+        distributed.barrier()
         distributed.destroy()
-    return None  # unreachable
 
 
 def _in_multirun() -> bool:

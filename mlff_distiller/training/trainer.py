@@ -839,7 +839,9 @@ class Trainer:
             self._stop_signal = signum
 
         self._stop_signal = None
-        previous = {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
+        # A signal the process was told to ignore (nohup, a background job) stays ignored.
+        handled = [sig for sig in PREEMPTION_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+        previous = {sig: signal.signal(sig, handler) for sig in handled}
         try:
             yield
         finally:
