@@ -241,7 +241,8 @@ def _evaluate_test_split(trainer: Any, data: Any, show: bool = True) -> dict[str
         return {}
     from mlff_distiller.training import load_checkpoint_file
 
-    trainer.load_state_dict(load_checkpoint_file(best), source=str(best))
+    # Only its weights matter here; with allow_config_change the carried-over best model has the old config.
+    trainer.load_state_dict(load_checkpoint_file(best), source=str(best), strict_config=False)
     results = trainer.evaluate(test_loader, prefix="test")
     if hasattr(data, "force_std"):
         results["test/force_std"] = 1e3 * data.force_std("test")

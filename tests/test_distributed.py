@@ -56,3 +56,66 @@ def test_two_gloo_processes_equal_one_process_with_the_union_batch(tmp_path):
     assert moved > 1e-4, moved  # ten times the tolerance
     print(f"2 gloo processes vs 1 process: max |dw| = {gap:.1e} (weights moved {moved:.1e})")
     assert multi["history"]["val/force_mae"] == pytest.approx(single["history"]["val/force_mae"], rel=1e-5)
+
+
+def _two_rank_checks(rank: int, port: int, directory: str, results) -> None:
+    """Runs in each of 2 gloo processes (torch.multiprocessing.spawn)."""
+    import signal as signals
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mlff_distiller.training import Callback, Trainer, TrainingConfig, TrainingInterrupted, distributed
+
+    distributed.init_from_env("cpu")
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    class LateSignal(Callback):
+        """Rank 1 alone receives SIGTERM after step 3's agreement (inside on_optimizer_step)."""
+
+        def on_optimizer_step(self, trainer):
+            if rank == 1 and trainer.global_step == 3:
+                os.kill(os.getpid(), signals.SIGTERM)
+
+    shard = x[rank::2], y[rank::2]
+    config = TrainingConfig(
+        max_epochs=3, optimizer="sgd", learning_rate=0.01, checkpoint_dir=directory, device="cpu", log_interval=1000
+    )
+    trainer = Trainer(
+        model,
+        DataLoader(TensorDataset(*shard), batch_size=4),
+        None,
+        config=config,
+        device="cpu",
+        loggers=[],
+        callbacks=[LateSignal()],
+    )
+    try:
+        trainer.fit()
+        stopped = None
+    except TrainingInterrupted as error:
+        stopped = (trainer.global_step, error.exit_code)
+    # An empty validation shard on rank 1: the metric names are agreed on, the means are rank 0's.
+    val = DataLoader(TensorDataset(x[:4], y[:4]), batch_size=4) if rank == 0 else []
+    metrics = trainer.validate(val)
+    results[rank] = (stopped, metrics)
+    distributed.barrier()
+    distributed.destroy()
+
+
+def test_ranks_stop_together_and_agree_on_metric_names(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_checks, args=(port, str(tmp_path), results), nprocs=2, join=True)
+    (stop0, val0), (stop1, val1) = results[0], results[1]
+    assert stop0 == stop1 and stop0[1] == 143 and stop0[0] == 4  # agreed at the next step, on both ranks
+    assert val0 == val1 and set(val0) == {"val/loss"}

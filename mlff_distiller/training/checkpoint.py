@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, of an unknown format, or does not fit the model."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], links: Sequence[Path] = ()) -> Path:
     """Write ``state`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
 
     A crash at any moment leaves either the old complete file or the new complete file, never a torn one.
+    ``links`` (e.g. best_model.pt) are made copies of the complete temp file before it becomes ``path``.
     """
     path = Path(path)
     try:
@@ -57,6 +59,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        for link in links:
+            link_checkpoint(Path(tmp), Path(link))
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)

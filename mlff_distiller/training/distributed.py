@@ -26,10 +26,13 @@ def init_from_env(device: str = "auto") -> None:
     """
     if not launched_distributed() or is_initialized():
         return
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if torch.cuda.is_available():
+        if device != "cpu":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Both backends: CPU tensors (e.g. trainer.device=cpu on a GPU node) go through gloo.
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group(backend="gloo")
 
 
 def is_initialized() -> bool:

@@ -49,7 +49,10 @@ LossFn = Callable[[nn.Module, Any], "torch.Tensor | dict[str, torch.Tensor]"]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGTERM: kill, SLURM at the time limit; SIGINT: Ctrl-C; SIGUSR1/2: SLURM's --signal warning (submitit uses USR2).
+PREEMPTION_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
 
 # Config fields that may change between an interrupted run and its continuation; any other
 # difference changes the optimisation itself and is refused unless explicitly allowed.
@@ -173,6 +176,11 @@ class Trainer:
         else:
             self.optimizer = optimizer(params)
         self.steps_per_epoch = _steps_per_epoch(train_loader, config.gradient_accumulation_steps)
+        if self.world_size > 1 and self.steps_per_epoch is None:
+            raise ConfigError(
+                "Under torchrun the train_loader needs a length (each process must know which micro-batch "
+                "ends an accumulation window); got a loader without __len__."
+            )
         if lr_scheduler is None:
             if config.lr_scheduler != "none" and config.scheduler_interval == "step" and self.steps_per_epoch is None:
                 raise ConfigError("scheduler_interval='step' needs a train_loader with a length.")
@@ -210,7 +218,9 @@ class Trainer:
         self.resumed_from: str | None = None
         # Position inside the running epoch (None between epochs); saved so a run resumes mid-epoch.
         self.epoch_progress: dict[str, Any] | None = None
-        self._stop_signal: int | None = None
+        self._signal_received: int | None = None  # set by the signal handler, at any moment
+        self._stop_signal: int | None = None  # the stop all processes agreed on, at a step boundary
+        self._previous_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, list[float]]:
@@ -302,6 +312,8 @@ class Trainer:
                 self._finish_window(progress, window, window_samples, micro, batch_index)
                 window, window_samples, micro = {}, 0, 0
                 progress["batches"] = batch_index + 1
+                if self.world_size == 1:  # under DDP _optimizer_step has agreed on it
+                    self._stop_signal = self._signal_received
                 if self._stop_signal is not None:
                     progress["elapsed_s"] += time.perf_counter() - start
                     self._stop_on_signal(f"in epoch {self.epoch + 1} after batch {batch_index + 1}")
@@ -330,7 +342,11 @@ class Trainer:
         """Sums over all processes (one all-reduce); unchanged in a single process."""
         if self.world_size == 1:
             return sums, samples, processed
-        names = sorted(sums)
+        # A process may hold no terms (an empty shard, a resumed partial epoch): agree on the names first.
+        gathered: list[list[str]] = [[] for _ in range(self.world_size)]
+        torch.distributed.all_gather_object(gathered, sorted(sums))
+        names = sorted(set().union(*gathered))
+        sums = {k: sums.get(k, torch.zeros((), device=self.device)) for k in names}
         packed = torch.stack(
             [sums[k].reshape(()).float() for k in names]
             + [
@@ -342,12 +358,14 @@ class Trainer:
         return {k: packed[i] for i, k in enumerate(names)}, int(packed[-2].item()), int(packed[-1].item())
 
     def _agree_on_stop(self) -> None:
-        """All processes stop at the same step when any of them received SIGTERM/SIGINT."""
+        """All processes stop at the same point when any of them received a stop signal; only the
+        agreed value is acted on (a signal arriving later is agreed on at the next check)."""
         if self.world_size == 1:
+            self._stop_signal = self._signal_received
             return
-        flag = torch.tensor(float(self._stop_signal or 0), device=self.device)
+        flag = torch.tensor(float(self._signal_received or 0), device=self.device)
         distributed.all_reduce_(flag, "max")
-        if flag.item() > 0 and self._stop_signal is None:
+        if flag.item() > 0:
             self._stop_signal = int(flag.item())
 
     def _finish_window(
@@ -390,6 +408,12 @@ class Trainer:
         loader_generator = getattr(self.train_loader, "generator", None)
         if progress["loader_generator"] is not None and isinstance(loader_generator, torch.Generator):
             loader_generator.set_state(progress["loader_generator"])
+        if getattr(self.train_loader, "persistent_workers", False) and not hasattr(sampler, "set_epoch"):
+            log.warning(
+                "Resuming inside an epoch with persistent DataLoader workers and a random sampler: the loader "
+                "draws its seeds differently in a fresh process, so the rest of this epoch's order is not the "
+                "uninterrupted run's. A DistributedSampler (order = f(seed, epoch)) makes it exact."
+            )
         iterator = iter(self.train_loader)
         for skipped in range(skip):
             try:
@@ -424,10 +448,11 @@ class Trainer:
         if grad_norm is not None and self.scaler is None:
             finite &= torch.isfinite(grad_norm)
         if self.world_size > 1:  # skip together, and stop together on a signal any process received
-            flags = torch.stack([(~finite).float(), torch.tensor(float(self._stop_signal or 0), device=self.device)])
+            received = torch.tensor(float(self._signal_received or 0), device=self.device)
+            flags = torch.stack([(~finite).float(), received])
             distributed.all_reduce_(flags, "max")
             finite = flags[0] == 0
-            if flags[1].item() > 0 and self._stop_signal is None:
+            if flags[1].item() > 0:
                 self._stop_signal = int(flags[1].item())
         applied = bool(finite)  # the one host sync per optimizer step
         if applied:
@@ -703,12 +728,13 @@ class Trainer:
         self.resumed_from = source
         self._call("on_load_checkpoint", state)
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Write the training state to ``path`` atomically (refused if a weight is not finite)."""
+    def save_checkpoint(self, path: str | Path, links: Sequence[Path] = ()) -> Path:
+        """Write the training state to ``path`` atomically (refused if a weight is not finite); ``links``
+        become copies of it (hard links) before ``path`` itself appears."""
         state = self.state_dict()
         self._call("on_save_checkpoint", state)
         _check_finite_weights(state, Path(path))
-        return save_checkpoint(state, path)
+        return save_checkpoint(state, path, links=links)
 
     def _write_checkpoints(self, best: bool, epoch_end: bool) -> Path:
         """Write ``last.pt`` (the old one becomes ``previous.pt``) and link ``best_model.pt`` and
@@ -725,11 +751,13 @@ class Trainer:
         last = self.checkpoint_dir / LAST
         if last.is_file():
             link_checkpoint(last, self.checkpoint_dir / PREVIOUS)
-        self.save_checkpoint(last)
-        if best:
-            link_checkpoint(last, self.checkpoint_dir / BEST)
+        # best_model.pt and epoch_NNNN.pt get the new state before last.pt does: a kill in between
+        # leaves last.pt older than them, and the resumed run redoes (and relinks) that epoch.
+        links = [self.checkpoint_dir / BEST] if best else []
         if epoch_end and self.config.keep_last > 0:
-            link_checkpoint(last, self.checkpoint_dir / f"epoch_{self.epoch:04d}.pt")
+            links.append(self.checkpoint_dir / f"epoch_{self.epoch:04d}.pt")
+        self.save_checkpoint(last, links=links)
+        if epoch_end and self.config.keep_last > 0:
             for old in epoch_checkpoints(self.checkpoint_dir)[: -self.config.keep_last]:
                 old.unlink(missing_ok=True)
 
@@ -740,13 +768,23 @@ class Trainer:
         if local is not None:
             sums, samples, processed = self._reduce_sums(local["sums"], local["samples"], local["processed"])
             self.epoch_progress = {**local, "sums": sums, "samples": samples, "processed": processed}
+        failure: Exception | None = None
         try:
-            _check_finite_weights({"model": self.model.state_dict(), "ema": None}, self.checkpoint_dir / LAST)
+            ema = self.ema.state_dict() if self.ema is not None else None
+            _check_finite_weights({"model": self.model.state_dict(), "ema": ema}, self.checkpoint_dir / LAST)
             if self.is_main_process:
-                self._write_checkpoint_files(best, epoch_end)
+                try:
+                    self._write_checkpoint_files(best, epoch_end)
+                except (CheckpointError, OSError) as error:
+                    failure = error
         finally:
             self.epoch_progress = local
-            distributed.barrier()
+        # Every process learns whether rank 0's write failed, and stops with it.
+        failed = distributed.all_reduce_(torch.tensor(float(failure is not None), device=self.device), "max")
+        if failure is not None:
+            raise failure
+        if failed.item() > 0:
+            raise CheckpointError("Rank 0 could not write the checkpoint (see its log); stopping with it.")
 
     def load_checkpoint(self, path: str | Path, strict_config: bool = True) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save_checkpoint`; ``fit()`` then continues from it.
@@ -807,7 +845,8 @@ class Trainer:
         removed = remove_stale_temporaries(self.checkpoint_dir) if self.is_main_process else []
         if removed:
             log.warning("Removed %d unfinished checkpoint write(s) of a killed run: %s", len(removed), removed)
-        if self.resumed_from is not None or self.config.overwrite_checkpoints:
+        # A resumed run, or this trainer training further (its own files), may write here.
+        if self.resumed_from is not None or self.global_step > 0 or self.config.overwrite_checkpoints:
             return
         existing = [
             p.name
@@ -830,23 +869,31 @@ class Trainer:
             yield
             return
 
+        # torchrun forwards the terminal's Ctrl-C, so each worker gets it twice within milliseconds.
+        debounce_s = 2.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
+        first = {"time": 0.0}
+
         def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:
+            if self._signal_received is not None:
+                if signum == self._signal_received and time.monotonic() - first["time"] < debounce_s:
+                    return
                 if signum == signal.SIGINT:
                     raise KeyboardInterrupt
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
-            self._stop_signal = signum
+            first["time"] = time.monotonic()
+            self._signal_received = signum
 
-        self._stop_signal = None
+        self._signal_received = self._stop_signal = None
         # A signal the process was told to ignore (nohup, a background job) stays ignored.
         handled = [sig for sig in PREEMPTION_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
-        previous = {sig: signal.signal(sig, handler) for sig in handled}
+        self._previous_handlers = {sig: signal.signal(sig, handler) for sig in handled}
         try:
             yield
         finally:
-            for sig, old in previous.items():
+            for sig, old in self._previous_handlers.items():
                 signal.signal(sig, old)
+            self._previous_handlers = {}
 
     def _stop_on_signal(self, where: str) -> None:
         signum = self._stop_signal
@@ -861,6 +908,10 @@ class Trainer:
             f"the training state is in {path}, resume from it." if path else "no checkpoint_dir, nothing saved."
         )
         log.warning(message)
+        previous = self._previous_handlers.get(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            # Another tool's handler (e.g. submitit's, which requeues a SLURM job) runs after the save.
+            previous(signum, None)
         raise TrainingInterrupted(signum, path, message)
 
     @contextlib.contextmanager
@@ -879,7 +930,8 @@ class Trainer:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # lockf (a POSIX record lock), not flock: forked DataLoader workers do not inherit it.
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 raise ConfigError(

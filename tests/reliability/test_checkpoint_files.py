@@ -232,7 +232,7 @@ def test_a_directory_in_use_or_holding_another_run_is_refused(tmp_path):
             sys.executable,
             "-c",
             "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "os.write(fd, str(os.getpid()).encode()); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+            "os.write(fd, str(os.getpid()).encode()); fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); "
             "time.sleep(60)",
             str(busy / ".lock"),
         ],
@@ -247,3 +247,45 @@ def test_a_directory_in_use_or_holding_another_run_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     build_run(str(busy), "cosine", max_epochs=1).fit()  # free again once the holder is gone
+
+
+def test_best_model_is_never_older_than_last(tmp_path, monkeypatch):
+    """Killed after the new state is complete but before it becomes last.pt: best_model.pt already holds
+    it, last.pt the previous epoch; the resumed run redoes that epoch and ends consistent."""
+    _fit(tmp_path, max_epochs=1)
+    real_replace = checkpoint_module.os.replace
+
+    def crash_before_last(src, dst):
+        if str(dst).endswith("last.pt"):
+            raise KeyboardInterrupt  # the process dies here
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", crash_before_last)
+    resumed = build_run(str(tmp_path), "cosine", max_epochs=3)
+    resumed.load_checkpoint(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.fit()
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert load_checkpoint_file(tmp_path / "last.pt")["epoch"] == 1
+    assert load_checkpoint_file(tmp_path / "best_model.pt")["epoch"] == 2
+    again = build_run(str(tmp_path), "cosine", max_epochs=3)
+    again.load_checkpoint(tmp_path)
+    again.fit()
+    last, best = load_checkpoint_file(tmp_path / "last.pt"), load_checkpoint_file(tmp_path / "best_model.pt")
+    assert best["epoch"] == last["best_epoch"] and digest(best["model"]) == digest(
+        load_checkpoint_file(tmp_path / "previous.pt")["model"] if last["best_epoch"] == 2 else best["model"]
+    )
+
+
+def test_the_lock_is_not_inherited_by_dataloader_workers(tmp_path):
+    """Persistent DataLoader workers (forked processes) must not keep the directory locked: a second fit()
+    of the same trainer, training further, is not refused."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = build_run(str(tmp_path), "cosine", max_epochs=1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    trainer.train_loader = DataLoader(TensorDataset(x, y), batch_size=8, num_workers=1, persistent_workers=True)
+    trainer.fit()
+    trainer.config.max_epochs = 2
+    trainer.fit()
+    assert load_checkpoint_file(tmp_path / "last.pt")["epoch"] == 2

@@ -166,3 +166,18 @@ def test_tensorboard_curves_continue_without_duplicates(tmp_path):
     merged = points(same)
     assert len(merged) == len(set((t, s) for t, s, _ in merged))
     assert sorted(merged) == sorted(straight)
+
+
+def test_a_foreign_handler_runs_after_the_save(tmp_path):
+    """SLURM's --signal warning (submitit installs a SIGUSR2 handler that requeues the job): the Trainer
+    saves a mid-epoch last.pt first, then calls that handler."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        trainer = build_run(str(tmp_path), "cosine", callbacks=[SignalAt(step=9, signum=signal.SIGUSR2)])
+        with pytest.raises(TrainingInterrupted) as raised:
+            trainer.fit()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [signal.SIGUSR2] and raised.value.exit_code == 128 + signal.SIGUSR2
+    assert load_checkpoint_file(tmp_path / "last.pt")["epoch_progress"]["batches"] == 3
