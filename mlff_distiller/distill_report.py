@@ -173,7 +173,9 @@ def nve_stability(
 
     atoms = atoms.copy()
     atoms.calc = calculator
-    step_fs = timestep_fs if timestep_fs is not None else (0.5 if 1 in atoms.numbers else 2.0)
+    from .teachers.sampling import default_timestep_fs
+
+    step_fs = timestep_fs if timestep_fs is not None else default_timestep_fs(atoms)
     steps = max(1, int(round(1000.0 * time_ps / step_fs)))
     # Maxwell-Boltzmann momenta without centre-of-mass motion (written out: ASE renamed its helper in 3.29).
     masses = atoms.get_masses()[:, None]

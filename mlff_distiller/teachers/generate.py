@@ -271,6 +271,32 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _tag(text: Any) -> str:
+    """``text`` as a file-name part: lower case, anything but letters and digits as ``_``."""
+    return "".join(c if c.isalnum() else "_" for c in str(text).lower())
+
+
+def _cache_files(cache_dir: str | os.PathLike[str] | None, name: str, config: dict) -> tuple[Path, Path]:
+    """A cached set's file and JSON sidecar: ``<cache_dir>/<name>_<hash12>.{extxyz,json}``, hashing ``config``."""
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return directory / f"{name}_{key}.extxyz", directory / f"{name}_{key}.json"
+
+
+@contextlib.contextmanager
+def _build_once(path: Path, sidecar: Path, config: dict, progress: bool) -> Iterator[bool]:
+    """Yields True while the caller holds the set's lock and must build it; False when a complete cached
+    set is there (also when another process finished it while this one waited for the lock)."""
+    if not _is_complete(path, sidecar, config):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.with_suffix(".lock")):
+            if not _is_complete(path, sidecar, config):
+                yield True
+                return
+    _announce(f"Using cached dataset {path}", progress)
+    yield False
+
+
 def _is_complete(path: Path, sidecar: Path, config: dict) -> bool:
     if not (path.exists() and sidecar.exists()):
         return False
@@ -314,20 +340,11 @@ def build_default_dataset(
 
     teacher_kwargs = dict(teacher_kwargs or {})
     config = _dataset_config(num_structures, seed, teacher, teacher_kwargs, generator_kwargs)
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     elements = "".join(e.lower() for e in config["generator"]["elements"])
-    teacher_tag = "".join(c if c.isalnum() else "_" for c in str(teacher).lower())
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = f"{elements}_{teacher_tag}_{key}"
-    path, sidecar = directory / f"{stem}.extxyz", directory / f"{stem}.json"
-
-    if _is_complete(path, sidecar, config):
-        _announce(f"Using cached dataset {path}", progress)
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive(directory / f"{stem}.lock"):
-        if _is_complete(path, sidecar, config):  # another process finished it while we waited
-            _announce(f"Using cached dataset {path}", progress)
+    path, sidecar = _cache_files(cache_dir, f"{elements}_{_tag(teacher)}", config)
+    directory, stem = path.parent, path.stem
+    with _build_once(path, sidecar, config, progress) as build:
+        if not build:
             return path
         started = time.perf_counter()
         _announce(f"Building dataset ({num_structures} structures, teacher {teacher!r}) -> {path}", progress)

@@ -17,7 +17,6 @@ does for the built-in set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,15 +31,15 @@ import numpy as np
 from .generate import (
     LATTICE_CONSTANTS,
     _announce,
+    _build_once,
+    _cache_files,
     _commit_dataset,
-    _exclusive,
     _fresh,
-    _is_complete,
     _jsonable,
     _md_snapshots,
     _random_strain,
     _sha256,
-    default_cache_dir,
+    _tag,
 )
 from .hessian import DEFAULT_DELTA
 
@@ -206,6 +205,11 @@ def rattle_and_strain(
     return out
 
 
+def default_timestep_fs(atoms: Atoms) -> float:
+    """MD timestep when none is given: 0.5 fs with hydrogen (fast vibrations), else 2 fs."""
+    return 0.5 if 1 in atoms.numbers else 2.0
+
+
 def md_samples(
     seeds: Sequence[Atoms],
     calculator: Any,
@@ -226,7 +230,7 @@ def md_samples(
     for run, ((temperature, _), stream) in enumerate(zip(runs, streams)):
         index = run % len(seeds)
         start = seeds[index]
-        step = timestep_fs if timestep_fs is not None else (0.5 if 1 in start.numbers else 2.0)
+        step = timestep_fs if timestep_fs is not None else default_timestep_fs(start)
         snapshots = _md_snapshots(
             start,
             np.random.default_rng(stream),
@@ -349,10 +353,6 @@ def make_driver(name: str, **kwargs: Any) -> Any:
     return make_calculator(name, **kwargs)
 
 
-def _tag(text: Any) -> str:
-    return "".join(c if c.isalnum() else "_" for c in str(text).lower())
-
-
 def build_distillation_dataset(
     system: str | None = None,
     seeds_path: str | os.PathLike[str] | None = None,
@@ -429,18 +429,11 @@ def build_distillation_dataset(
             default=_jsonable,
         )
     )
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     system_tag = _tag(system if seeds_file is None else seeds_file.stem)
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = f"distill_{system_tag}_{_tag(teacher)}_{key}"
-    path, sidecar = directory / f"{stem}.extxyz", directory / f"{stem}.json"
-    if _is_complete(path, sidecar, config):
-        _announce(f"Using cached distillation set {path}", progress)
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive(directory / f"{stem}.lock"):
-        if _is_complete(path, sidecar, config):
-            _announce(f"Using cached distillation set {path}", progress)
+    path, sidecar = _cache_files(cache_dir, f"distill_{system_tag}_{_tag(teacher)}", config)
+    directory, stem = path.parent, path.stem
+    with _build_once(path, sidecar, config, progress) as build:
+        if not build:
             return path
         started = time.perf_counter()
         teacher_calculator = make_calculator(teacher, **(teacher_kwargs or {}))
