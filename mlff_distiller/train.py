@@ -291,7 +291,7 @@ def _reject_group_owned_overrides(overrides: list[str]) -> None:
 def _resolve_resume(cfg: DictConfig, checkpoint_dir: str | None) -> tuple[Path | None, dict[str, Any] | None]:
     """Find and check the checkpoint named by ``ckpt_path`` (or, with ``auto_resume``, the run's own
     checkpoints, as a requeued cluster job finds them); a resume that cannot be honoured is an error."""
-    from mlff_distiller.training.checkpoint import load_checkpoint_file, load_latest_checkpoint, resume_candidates
+    from mlff_distiller.training.checkpoint import read_checkpoint, resume_candidates
 
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path and cfg.get("auto_resume") and checkpoint_dir and resume_candidates(Path(checkpoint_dir)):
@@ -300,16 +300,13 @@ def _resolve_resume(cfg: DictConfig, checkpoint_dir: str | None) -> tuple[Path |
     if not ckpt_path:
         return None, None
     path = Path(str(ckpt_path)).expanduser()
-    if path.is_dir():
-        # The newest readable checkpoint of the run; unreadable newer files are skipped with a warning.
-        path, state = load_latest_checkpoint(path)
-    elif not path.is_file():
+    if not path.exists():
         raise CLIError(
             f"ckpt_path={str(path)!r} does not exist; pass a checkpoint file (last.pt, best_model.pt) "
             "or a run directory."
         )
-    else:
-        state = load_checkpoint_file(path)
+    # A run directory: its newest readable checkpoint; unreadable newer files are skipped with a warning.
+    path, state = read_checkpoint(path)
     saved = state.get("config", {}).get("extra", {})
     if "run_config" not in saved:
         raise CLIError(

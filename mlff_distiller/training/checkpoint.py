@@ -153,6 +153,15 @@ def load_latest_checkpoint(directory: str | os.PathLike[str], map_location: Any 
     raise CheckpointError(f"No readable checkpoint in {str(directory)!r}: " + " ".join(failures))
 
 
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[Path, dict[str, Any]]:
+    """A checkpoint file, or the newest readable checkpoint of a checkpoint or run directory
+    (:func:`load_latest_checkpoint`); returns the file read and its state."""
+    path = Path(path)
+    if path.is_dir():
+        return load_latest_checkpoint(path, map_location=map_location)
+    return path, load_checkpoint_file(path, map_location=map_location)
+
+
 def config_fingerprint(config: dict[str, Any], ignore: frozenset[str] | set[str] = frozenset()) -> str:
     """Short hash of the config fields that shape the optimisation (all but ``ignore``)."""
     kept = {k: v for k, v in sorted(config.items()) if k not in ignore}

@@ -31,9 +31,8 @@ from .checkpoint import (
     config_fingerprint,
     epoch_checkpoints,
     link_checkpoint,
-    load_checkpoint_file,
-    load_latest_checkpoint,
     load_model_state,
+    read_checkpoint,
     remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
@@ -794,10 +793,7 @@ class Trainer:
         ``strict_config`` a checkpoint whose config differs in a field that changes the
         optimisation (anything but max_epochs, intervals, paths, patience) is refused.
         """
-        if Path(path).is_dir():
-            path, state = load_latest_checkpoint(path, map_location=self.device)
-        else:
-            state = load_checkpoint_file(path, map_location=self.device)
+        path, state = read_checkpoint(path, map_location=self.device)
         self.load_state_dict(state, source=str(path), strict_config=strict_config)
         where = (
             f"epoch {self.epoch + 1}, batch {self.epoch_progress['batches']}"
