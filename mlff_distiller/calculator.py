@@ -21,7 +21,8 @@ class StudentCalculator(Calculator):
 
     ``StudentCalculator(model)`` wraps a model in memory; ``StudentCalculator.from_checkpoint(path)``
     rebuilds the student of any ``mlff-train`` run from its ``best_model.pt`` or ``last.pt``
-    (EMA weights when the run kept them).
+    (EMA weights when the run kept them). A structure with an element the student was not trained on
+    raises :class:`~mlff_distiller.models.base.UnknownElementError`.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -65,6 +66,8 @@ class StudentCalculator(Calculator):
 
     def calculate(self, atoms: Any = None, properties: Any = ("energy",), system_changes: Any = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
+        if hasattr(self.model, "check_elements"):
+            self.model.check_elements(self.atoms.numbers, where=f"The structure ({self.atoms.get_chemical_formula()})")
         graph = atoms_to_graph(self.atoms, self.model.cutoff, with_labels=False, dtype=self.dtype)
         batch = collate_atoms([graph]).to(self.device)
         periodic = bool(self.atoms.pbc.all())

@@ -320,29 +320,7 @@ def distillation_report(
 def print_report(metrics: dict[str, float], console: Any | None = None) -> None:
     """The metrics of :func:`distillation_report` as a rich table, with units."""
     from rich.console import Console
-    from rich.table import Table
 
-    units = {
-        "energy_mae_per_atom": "meV/atom",
-        "force_mae": "meV/Å",
-        "force_rmse": "meV/Å",
-        "hessian_mae": "meV/Å²",
-        "teacher_per_s": "calls/s",
-        "student_per_s": "calls/s",
-        "speedup": "x",
-        "energy_drift": "meV/atom/ps",
-        "max_energy_deviation": "meV/atom",
-        "min_distance": "Å",
-        "min_distance_bound": "Å",
-        "time_ps": "ps",
-        "timestep_fs": "fs",
-        "temperature_K": "K",
-    }
-    table = Table(title="Student vs teacher")
-    for column in ("metric", "value", "unit"):
-        table.add_column(column)
-    for name, value in metrics.items():
-        leaf = name.rsplit("/", 1)[-1]
-        shown = ("yes" if value else "NO") if leaf == "stable" else f"{value:.4g}"
-        table.add_row(name, shown, units.get(leaf, ""))
-    (console or Console()).print(table)
+    from .cli import print_metrics
+
+    print_metrics(metrics, "Student vs teacher", console=console or Console())

@@ -7,51 +7,36 @@ Heavy imports (torch, tensorboard) happen inside the task function so that ``--h
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import sys
-import tempfile
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mlff_distiller.cli import (
+    CLIError,
+    fail,
+    in_multirun,
+    is_instantiation_error,
+    print_metrics,
+    task_overrides,
+    write_json,
+)
 from mlff_distiller.training.config import ConfigError, TrainingConfig
 
 log = logging.getLogger("mlff_distiller.train")
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainingConfig)
 
-
-def _run_stamp() -> str:
-    """Date and time (with microseconds) naming the run directory. Under torchrun every process
-    takes rank 0's, so that all of them share one run directory."""
-    stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from mlff_distiller.training import distributed
-
-        distributed.init_from_env()
-        stamp = distributed.broadcast_object(stamp)
-    return stamp
-
-
-OmegaConf.register_new_resolver("mlff_run_stamp", _run_stamp, use_cache=True, replace=True)
-
 # Keys that may differ between a run and its resumption (paths are per run; max_epochs may be raised;
 # callbacks observe the run).
 RESUME_MAY_CHANGE = ("ckpt_path", "allow_config_change", "auto_resume", "callbacks", "paths", "trainer.max_epochs")
 # TrainingConfig fields that only the Python API uses; on the command line the groups decide.
 GROUP_OWNED = {"trainer.optimizer": "optimizer", "trainer.lr_scheduler": "scheduler"}
-
-
-class CLIError(Exception):
-    """A problem with the command line or the files it names; reported in one paragraph, exit code 2."""
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mlff_distiller.conf", config_name="train")
@@ -65,10 +50,10 @@ def main(cfg: DictConfig) -> float | None:
         from mlff_distiller.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
         if isinstance(error, TrainingInterrupted):
-            overrides = " ".join(o for o in _task_overrides() if not o.startswith("ckpt_path="))
+            overrides = " ".join(o for o in task_overrides() if not o.startswith("ckpt_path="))
             log.warning("Resume with: mlff-train %s ckpt_path=%s", overrides, Path(cfg.paths.output_dir))
             raise SystemExit(error.exit_code) from None
-        if _in_multirun():
+        if in_multirun():
             # One failed job (e.g. a trial whose learning rate diverges) must not end a sweep: Hydra
             # records the exception, sweepers such as Optuna count the trial as failed and go on.
             log.error("This job failed (%s: %s); the sweep goes on with the other jobs.", type(error).__name__, error)
@@ -76,8 +61,8 @@ def main(cfg: DictConfig) -> float | None:
         from mlff_distiller.teachers.calculators import TeacherUnavailableError
 
         known = (CLIError, ConfigError, CheckpointError, NonFiniteLossError, TeacherUnavailableError)
-        if isinstance(error, known) or _is_instantiation_error(error):
-            _fail(error)
+        if isinstance(error, known) or is_instantiation_error(error):
+            fail("mlff-train", error)
         raise
     return None  # unreachable
 
@@ -92,21 +77,9 @@ def _leave_process_group() -> None:
         distributed.destroy()
 
 
-def _in_multirun() -> bool:
-    if not HydraConfig.initialized():
-        return False
-    from hydra.types import RunMode
-
-    return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _task_overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
 def train(cfg: DictConfig) -> float | None:
     """Compose-then-run body of ``mlff-train``, callable from Python with a composed config."""
-    overrides = _task_overrides()
+    overrides = task_overrides()
     _reject_group_owned_overrides(overrides)
     training_config: TrainingConfig = OmegaConf.to_object(cfg.trainer)  # validates every field
 
@@ -179,7 +152,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("distill_report") and main_process:
         metrics.update(_distill_report(cfg, trainer, data, output_dir))
     if main_process:
-        _write_json(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "metrics.json", metrics)
     log.info(
         "Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch, output_dir
     )
@@ -248,33 +221,8 @@ def _evaluate_test_split(trainer: Any, data: Any, show: bool = True) -> dict[str
         results["test/force_std"] = 1e3 * data.force_std("test")
     if show:
         title = f"Test split: {len(data.datasets['test'])} structures, best model (epoch {trainer.epoch})"
-        _print_table(results, title)
+        print_metrics(results, title)
     return results
-
-
-UNITS = {
-    "energy_mae_per_atom": "meV/atom",
-    "energy_rmse_per_atom": "meV/atom",
-    "force_mae": "meV/Å",
-    "force_rmse": "meV/Å",
-    "force_std": "meV/Å",
-    "stress_mae": "meV/Å³",
-}
-
-
-def _print_table(results: dict[str, float], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("unit")
-    for name, value in results.items():
-        table.add_row(name, f"{value:.4g}", UNITS.get(name.split("/", 1)[-1], ""))
-    Console(stderr=True).print(table)
-    for name, value in results.items():
-        log.info("%s = %.6g %s", name, value, UNITS.get(name.split("/", 1)[-1], ""))
 
 
 def _reject_group_owned_overrides(overrides: list[str]) -> None:
@@ -339,26 +287,6 @@ def _config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]
     if saved != current:
         return [f"{prefix.rstrip('.')} (saved {saved!r}, now {current!r})"]
     return []
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-def _is_instantiation_error(error: Exception) -> bool:
-    from hydra.errors import InstantiationException
-
-    return isinstance(error, InstantiationException)
-
-
-def _fail(error: Exception) -> None:
-    print(f"mlff-train: error: {error}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from mlff_distiller.data import keys
 from mlff_distiller.data.batch import collate_atoms
 from mlff_distiller.data.dataset import atoms_to_graph
 from mlff_distiller.data.statistics import DatasetStatistics
+from mlff_distiller.models.base import UnknownElementError
 from mlff_distiller.models.painn import PaiNN
 from mlff_distiller.models.schnet import SchNet
 from mlff_distiller.training import CheckpointError, Trainer, TrainingConfig
@@ -281,3 +282,32 @@ def test_a_checkpoint_without_model_config_is_refused(tmp_path):
 def test_a_missing_checkpoint_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="nowhere.pt"):
         StudentCalculator.from_checkpoint(tmp_path / "nowhere.pt")
+
+
+# ----------------------------------------------------------------------- unseen elements
+def test_a_checkpointed_student_refuses_elements_it_never_saw(cli_run):
+    calc = StudentCalculator.from_checkpoint(cli_run / "best_model.pt")
+    assert calc.model.elements == [29, 79]  # the Cu-Au training split, recorded in the checkpoint
+    for symbol in ("Ag", "H"):
+        atoms = alloy(3)
+        atoms[0].symbol = symbol
+        atoms.calc = calc
+        with pytest.raises(UnknownElementError, match=f"contains {symbol}, which the student was never trained on"):
+            atoms.get_potential_energy()
+    atoms = alloy(3)
+    atoms.calc = calc
+    assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_checkpoints_without_the_element_record_infer_it_from_reference_energies():
+    model = SchNet(cutoff=CUTOFF, hidden=8, interactions=1, num_rbf=4, statistics=STATISTICS)
+    state = {k: v for k, v in model.state_dict().items() if k != "trained_elements"}  # an older checkpoint
+    fresh = SchNet(cutoff=CUTOFF, hidden=8, interactions=1, num_rbf=4)
+    assert fresh.elements == []  # no statistics, no record: accepts anything
+    fresh.check_elements([1, 47])
+    from mlff_distiller.training.checkpoint import load_model_state
+
+    load_model_state(fresh, state, "old.pt")
+    assert fresh.elements == [29, 79]
+    with pytest.raises(UnknownElementError, match="contains H, Ag.*knows only Cu, Au"):
+        fresh.check_elements(np.array([29, 47, 1]))

@@ -8,7 +8,9 @@ per-element reference energies, sums per structure and differentiates.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,13 +21,18 @@ from ..data.statistics import DatasetStatistics
 MAX_Z = 100
 
 
+class UnknownElementError(ValueError):
+    """A structure holds an element the student was never trained on; its answer would be meaningless."""
+
+
 class AtomisticModel(nn.Module):
     """Base class of the students. ``forward(batch) -> {"energy": (S,), "forces": (N, 3)}``.
 
     With ``compute_stress`` the output also holds ``"stress"`` (S, 3, 3), eV/Å³, for periodic cells.
     ``statistics`` (optional) sets the buffers ``atomic_energies`` (eV per element), ``scale``
-    (eV, force RMS) and ``avg_num_neighbors``; they are saved in the state dict, so a model rebuilt
-    without statistics and loaded from a checkpoint gets them back.
+    (eV, force RMS), ``avg_num_neighbors`` and ``trained_elements`` (which atomic numbers the training data
+    held); they are saved in the state dict, so a model rebuilt without statistics and loaded from a
+    checkpoint gets them back. :meth:`check_elements` refuses structures with other elements.
     """
 
     def __init__(
@@ -39,6 +46,8 @@ class AtomisticModel(nn.Module):
         self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("avg_num_neighbors", torch.tensor(1.0))
+        self.register_buffer("trained_elements", torch.zeros(MAX_Z + 1, dtype=torch.bool))
+        self._register_load_state_dict_pre_hook(_infer_trained_elements)
         if statistics is not None:
             self.set_statistics(statistics)
 
@@ -50,6 +59,34 @@ class AtomisticModel(nn.Module):
             # A floor keeps a set of relaxed structures (force RMS ~ 0) from silencing the model.
             self.scale.fill_(max(statistics.force_rms, 1e-3))
             self.avg_num_neighbors.fill_(max(statistics.avg_num_neighbors, 1.0))
+            self.trained_elements.zero_()
+            for z in statistics.atomic_energies:
+                self.trained_elements[int(z)] = True
+
+    @property
+    def elements(self) -> list[int]:
+        """Atomic numbers the student was trained on (empty for a model never given statistics)."""
+        return torch.nonzero(self.trained_elements).flatten().tolist()
+
+    def check_elements(self, numbers: Any, where: str = "the structure") -> None:
+        """Raise :class:`UnknownElementError` when ``numbers`` (atomic numbers) hold an element the student was
+        not trained on. A model that records no elements (built without statistics) accepts any."""
+        known = self.elements
+        if not known:
+            return
+        present = np.unique(np.asarray(numbers.cpu() if torch.is_tensor(numbers) else numbers, dtype=np.int64))
+        unknown = [int(z) for z in present if z < 0 or z > MAX_Z or not bool(self.trained_elements[int(z)])]
+        if unknown:
+            from ase.data import chemical_symbols
+
+            def names(zs: list[int]) -> str:
+                return ", ".join(chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}" for z in zs)
+
+            raise UnknownElementError(
+                f"{where} contains {names(unknown)}, which the student was never trained on; it knows only "
+                f"{names(known)}. Its energies and forces there would be meaningless: train (or distil) a student "
+                "on data that contains these elements."
+            )
 
     def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         """Unscaled per-atom energies, shape (atoms,); ``vectors`` are the edge vectors r_ij."""
@@ -93,6 +130,14 @@ class AtomisticModel(nn.Module):
             volume = torch.where(volume > 0, volume, torch.ones_like(volume))  # non-periodic: stress is dE/dstrain
             out[keys.STRESS] = gradients[1] / volume[:, None, None]
         return out
+
+
+def _infer_trained_elements(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # Checkpoints written before trained_elements existed: the elements are those with a fitted reference
+    # energy (a least-squares fit gives a non-zero value to every element present in the training data).
+    key, energies = f"{prefix}trained_elements", state_dict.get(f"{prefix}atomic_energies")
+    if key not in state_dict and energies is not None:
+        state_dict[key] = energies != 0
 
 
 def cosine_cutoff(distances: torch.Tensor, cutoff: float) -> torch.Tensor:

@@ -214,12 +214,17 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         for k in set(own) & set(state_dict)
         if tuple(own[k].shape) != tuple(state_dict[k].shape)
     )
-    if missing or unexpected or misshaped:
-        raise CheckpointError(
-            f"Checkpoint {source!r} does not fit the model: missing keys {missing}, "
-            f"unexpected keys {unexpected}, mis-shaped keys {misshaped}."
-        )
-    model.load_state_dict(state_dict)
+    error = CheckpointError(
+        f"Checkpoint {source!r} does not fit the model: missing keys {missing}, "
+        f"unexpected keys {unexpected}, mis-shaped keys {misshaped}."
+    )
+    if unexpected or misshaped:
+        raise error
+    try:
+        # A model's load hooks may supply keys that older checkpoints lack; anything else still missing fails.
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        raise error from None
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike[str], use_ema: bool = True) -> nn.Module:

@@ -40,6 +40,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainingConfig
 from .ema import ExponentialMovingAverage
 from .loggers import ConsoleLogger, Logger
+from .metrics import Mean, MetricSums
 from .optim import Scheduler, Warmup, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,8 @@ class Trainer:
     def train_epoch(self) -> tuple[dict[str, float], int, float]:
         """One pass over ``train_loader`` (or the rest of it, after a mid-epoch resume).
 
-        Returns the sample-weighted mean loss terms, the number of samples and the training time in s.
+        Returns the loss terms (exact means over the epoch, see :mod:`.metrics`), the number of samples
+        and the training time in s.
         """
         start = time.perf_counter()
         self.model.train()
@@ -287,7 +289,7 @@ class Trainer:
         accumulate = self.config.gradient_accumulation_steps
         num_batches = _safe_len(self.train_loader)
         every = self.config.checkpoint_every_n_steps
-        window: dict[str, torch.Tensor] = {}
+        window = MetricSums()
         window_samples = micro = 0
         self.optimizer.zero_grad(set_to_none=True)
         for batch_index, batch in self._epoch_batches(progress):
@@ -301,15 +303,15 @@ class Trainer:
                     terms = self._loss_terms(batch)
                 scaled = terms["loss"] / accumulate
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            detached = {k: v.detach().float() for k, v in terms.items()}
-            _accumulate(window, detached, n)
+            detached = _detach(terms)
+            window.add(detached, n)
             window_samples += n
             micro += 1
             self._call("on_train_batch_end", batch_index, detached)
             # A loader without a length ends inside its last window; that window is stepped below.
             if micro == accumulate or batch_index + 1 == num_batches:
                 self._finish_window(progress, window, window_samples, micro, batch_index)
-                window, window_samples, micro = {}, 0, 0
+                window, window_samples, micro = MetricSums(), 0, 0
                 progress["batches"] = batch_index + 1
                 if self.world_size == 1:  # under DDP _optimizer_step has agreed on it
                     self._stop_signal = self._signal_received
@@ -333,28 +335,24 @@ class Trainer:
         sums, samples, processed = self._reduce_sums(progress["sums"], progress["samples"], progress["processed"])
         if samples == 0:  # every step of the epoch was skipped as non-finite
             return {"train/loss": math.nan}, processed, elapsed
-        return {f"train/{k}": (v / samples).item() for k, v in sums.items()}, processed, elapsed
+        return sums.compute(prefix="train/"), processed, elapsed
 
-    def _reduce_sums(
-        self, sums: dict[str, torch.Tensor], samples: int, processed: int = 0
-    ) -> tuple[dict[str, torch.Tensor], int, int]:
-        """Sums over all processes (one all-reduce); unchanged in a single process."""
+    def _reduce_sums(self, sums: MetricSums, samples: int, processed: int = 0) -> tuple[MetricSums, int, int]:
+        """Totals and counts over all processes (one all-reduce); unchanged in a single process."""
         if self.world_size == 1:
             return sums, samples, processed
         # A process may hold no terms (an empty shard, a resumed partial epoch): agree on the names first.
-        gathered: list[list[str]] = [[] for _ in range(self.world_size)]
-        torch.distributed.all_gather_object(gathered, sorted(sums))
-        names = sorted(set().union(*gathered))
-        sums = {k: sums.get(k, torch.zeros((), device=self.device)) for k in names}
-        packed = torch.stack(
-            [sums[k].reshape(()).float() for k in names]
-            + [
-                torch.tensor(float(samples), device=self.device),
-                torch.tensor(float(processed), device=self.device),
-            ]
-        )
+        gathered: list[tuple[list[str], list[str]]] = [([], []) for _ in range(self.world_size)]
+        torch.distributed.all_gather_object(gathered, (sorted(sums.sums), sorted(sums.roots)))
+        names = sorted(set().union(*(g[0] for g in gathered)))
+        zero = torch.zeros(2, dtype=torch.float64, device=self.device)
+        counts = torch.tensor([float(samples), float(processed)], dtype=torch.float64, device=self.device)
+        packed = torch.cat([sums.sums.get(k, zero).to(self.device) for k in names] + [counts])
         distributed.all_reduce_(packed)
-        return {k: packed[i] for i, k in enumerate(names)}, int(packed[-2].item()), int(packed[-1].item())
+        reduced = MetricSums()
+        reduced.sums = {k: packed[2 * i : 2 * i + 2] for i, k in enumerate(names)}
+        reduced.roots = set().union(*(g[1] for g in gathered))
+        return reduced, int(packed[-2].item()), int(packed[-1].item())
 
     def _agree_on_stop(self) -> None:
         """All processes stop at the same point when any of them received a stop signal; only the
@@ -368,12 +366,12 @@ class Trainer:
             self._stop_signal = int(flag.item())
 
     def _finish_window(
-        self, progress: dict[str, Any], window: dict[str, torch.Tensor], samples: int, micro: int, batch_index: int
+        self, progress: dict[str, Any], window: MetricSums, samples: int, micro: int, batch_index: int
     ) -> None:
         """Step on a complete accumulation window and fold it into the epoch's sums."""
         progress["processed"] += samples
-        if self._optimizer_step(window["loss"] / samples, micro, batch_index):
-            _merge(progress["sums"], window)
+        if self._optimizer_step(window.mean("loss"), micro, batch_index):
+            progress["sums"].merge(window)
             progress["samples"] += samples
 
     def _begin_epoch_progress(self) -> dict[str, Any]:
@@ -384,7 +382,7 @@ class Trainer:
             "batches": 0,  # micro-batches consumed, always at an optimizer-step boundary when saved
             "processed": 0,
             "samples": 0,  # in applied (finite) optimizer steps
-            "sums": {},
+            "sums": MetricSums(),
             "elapsed_s": 0.0,
             "lr": self.current_lr(),
             # The RNG states the loader's order is drawn from, to replay that order on resume.
@@ -531,7 +529,7 @@ class Trainer:
         """
         was_training = self.model.training
         self.model.eval()
-        sums: dict[str, torch.Tensor] = {}
+        sums = MetricSums()
         samples = 0
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         ema = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
@@ -544,7 +542,7 @@ class Trainer:
                     n = self.batch_size_fn(batch)
                     with self._autocast():
                         terms = self._loss_terms(batch)
-                    _accumulate(sums, {k: v.detach().float() for k, v in terms.items()}, n)
+                    sums.add(_detach(terms), n)
                     samples += n
         finally:
             for p in frozen:
@@ -553,7 +551,7 @@ class Trainer:
         sums, samples, _ = self._reduce_sums(sums, samples)
         if samples == 0:
             raise RuntimeError(f"The {prefix} loader yielded no batches.")
-        return {f"{prefix}/{k}": (v / samples).item() for k, v in sums.items()}
+        return sums.compute(prefix=f"{prefix}/")
 
     evaluate = validate
 
@@ -570,13 +568,14 @@ class Trainer:
             return self.loss_fn(self.forward_module, batch)
         return mse_loss(self.forward_module, batch)
 
-    def _loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+    def _loss_terms(self, batch: Any) -> dict[str, Any]:
         out = self.compute_loss(batch)
         if isinstance(out, torch.Tensor):
             return {"loss": out}
         if isinstance(out, Mapping) and "loss" in out:
             return {
-                k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=self.device) for k, v in out.items()
+                k: v if isinstance(v, (torch.Tensor, Mean)) else torch.as_tensor(v, device=self.device)
+                for k, v in out.items()
             }
         raise TypeError(
             f"The loss must be a Tensor or a dict with a 'loss' entry; got {type(out).__name__}"
@@ -668,7 +667,7 @@ class Trainer:
             "loader_generator": loader_generator.get_state() if isinstance(loader_generator, torch.Generator) else None,
             "config": self.config.to_dict(),
             "config_fingerprint": config_fingerprint(self.config.to_dict(), RESUMABLE_CHANGES),
-            "epoch_progress": self.epoch_progress,
+            "epoch_progress": _progress_state(self.epoch_progress),
             "world_size": self.world_size,
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
         }
@@ -713,7 +712,7 @@ class Trainer:
         for name, cb_state in state["callbacks"].items():
             if name in self.callbacks:
                 self.callbacks[name].load_state_dict(cb_state)
-        self.epoch_progress = state.get("epoch_progress")
+        self.epoch_progress = _progress_from_state(state.get("epoch_progress"), self.device)
         saved_world = state.get("world_size", 1)
         if self.epoch_progress is not None and saved_world != self.world_size:
             raise CheckpointError(
@@ -723,7 +722,7 @@ class Trainer:
             )
         if self.epoch_progress is not None and not self.is_main_process:
             # The saved partial sums are already totals over all processes; count them once.
-            self.epoch_progress = {**self.epoch_progress, "sums": {}, "samples": 0, "processed": 0}
+            self.epoch_progress = {**self.epoch_progress, "sums": MetricSums(), "samples": 0, "processed": 0}
         self.resumed_from = source
         self._call("on_load_checkpoint", state)
 
@@ -1078,15 +1077,36 @@ def _check_finite_weights(state: dict[str, Any], path: Path) -> None:
     )
 
 
-def _accumulate(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], n: int) -> None:
-    for name, value in terms.items():
-        weighted = value * n
-        sums[name] = sums[name] + weighted if name in sums else weighted
+def _detach(terms: dict[str, Any]) -> dict[str, Any]:
+    """Terms without their graphs, in float32 at least (callbacks and sums never see half precision)."""
+
+    def upcast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    return {k: type(v)(*map(upcast, v)) if isinstance(v, Mean) else v.detach().float() for k, v in terms.items()}
 
 
-def _merge(sums: dict[str, torch.Tensor], window: dict[str, torch.Tensor]) -> None:
-    for name, value in window.items():
-        sums[name] = sums[name] + value if name in sums else value
+def _progress_state(progress: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The epoch position as plain data (its metric sums as a state dict)."""
+    if progress is None:
+        return None
+    return {**progress, "sums": progress["sums"].state_dict()}
+
+
+def _progress_from_state(state: dict[str, Any] | None, device: torch.device) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    sums = state["sums"]
+    if "roots" in sums:
+        metric_sums = MetricSums.from_state_dict(sums, device)
+    else:  # format 2 before exact metrics: sample-weighted sums of per-sample means
+        metric_sums = MetricSums()
+        for name, weighted in sums.items():
+            metric_sums.sums[name] = torch.tensor(
+                [float(weighted), float(state["samples"])], dtype=torch.float64, device=device
+            )
+    return {**state, "sums": metric_sums}
 
 
 def _name_callbacks(callbacks: Sequence[Callback] | Mapping[str, Callback] | None) -> dict[str, Callback]:

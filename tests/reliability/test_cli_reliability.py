@@ -124,7 +124,7 @@ def test_runs_started_in_the_same_second_get_their_own_directory():
     """The run directory's name carries microseconds (Hydra's default has whole seconds)."""
     from hydra import compose, initialize_config_module
 
-    from mlff_distiller.train import _run_stamp
+    from mlff_distiller.cli import run_stamp as _run_stamp
 
     stamps = {_run_stamp() for _ in range(50)}
     assert len(stamps) == 50

@@ -44,6 +44,7 @@ def make_trainer(
     callbacks: Any = None,
     optimizer_factory: Any = None,
     scheduler_factory: Any = None,
+    batch_size_fn: Any = None,
     **config_overrides: Any,
 ) -> Trainer:
     """A silent CPU Trainer; keyword arguments other than the named ones are TrainingConfig fields."""
@@ -58,6 +59,7 @@ def make_trainer(
         callbacks=callbacks,
         optimizer=optimizer_factory,
         lr_scheduler=scheduler_factory,
+        batch_size_fn=batch_size_fn,
     )
 
 
