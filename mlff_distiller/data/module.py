@@ -112,9 +112,10 @@ class AtomsDataModule:
         _check_elements_are_trained(self._structures, self.split_files, self.split_indices)
         _warn_on_shared_structures(self._structures, self.split_files)
         everything = [atoms for name in SPLITS for atoms in self._structures[name]]
-        self.metric_groups, flat_groups = metric_groups_of(everything, metric_groups_key)
+        names, flat_groups = metric_groups_of(everything, metric_groups_key)  # one table for every split
         starts = np.cumsum([0] + [len(self._structures[name]) for name in SPLITS])
         group_of = {name: flat_groups[starts[i] : starts[i + 1]] for i, name in enumerate(SPLITS)}
+        self.metric_groups: list[str] = names
         """Names of the metric groups (e.g. ``["config_type=md_600K", "config_type=rattle"]``), indexed by
         the batches' ``metric_group``; empty without ``metric_groups_key`` or when no structure has it."""
         self.datasets = {
@@ -140,7 +141,8 @@ class AtomsDataModule:
         )
 
     def structures(self, split: str) -> list[Any]:
-        """The ASE ``Atoms`` of a split (labels as ``info["_energy"]`` / ``arrays["_forces"]``), in loader order."""
+        """The ASE ``Atoms`` of a split (labels as ``info["_energy"]`` / ``arrays["_forces"]``), in the order of
+        ``datasets[split]`` (the order the validation and test loaders yield)."""
         return list(self._structures[split])
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
