@@ -169,14 +169,15 @@ def evaluate_structures(
     check_trained_elements(model, structures, source)
     labelled = [_labelled(atoms, f"structure {number} of {source}") for number, atoms in enumerate(structures)]
     keep_stress_if_all_have_it(labelled)
-    names, groups = metric_groups_of(labelled, metric_groups_key)
-    dataset = AtomsDataset(labelled, model.cutoff, source=source, metric_groups=groups if names else None)
-
     device = torch.device(device)
     student = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     dtype = next(student.parameters()).dtype
+    names, groups = metric_groups_of(labelled, metric_groups_key)
+    dataset = AtomsDataset(
+        labelled, model.cutoff, source=source, metric_groups=groups if names else None, dtype=dtype
+    )  # geometry built in the evaluation precision
     if hasattr(student, "compute_stress"):
         student.compute_stress = "_stress" in labelled[0].info
 

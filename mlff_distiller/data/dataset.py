@@ -232,6 +232,7 @@ class AtomsDataset(Dataset):
         cutoff: neighbour-list cutoff, Å (finite, > 0).
         source: what the structures are called in error messages (e.g. the file they came from).
         metric_groups: per structure, the index of its metric group (-1: none), stored as ``metric_group``.
+        dtype: of the floating-point tensors (default: torch's default dtype).
     """
 
     def __init__(
@@ -240,6 +241,7 @@ class AtomsDataset(Dataset):
         cutoff: float,
         source: str = "the data",
         metric_groups: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         check_cutoff(cutoff)
         self.cutoff = cutoff
@@ -248,7 +250,7 @@ class AtomsDataset(Dataset):
             where = f"structure {number} of {source}"
             check_geometry(atoms, where)
             try:
-                graph = atoms_to_graph(atoms, cutoff)
+                graph = atoms_to_graph(atoms, cutoff, dtype=dtype)
             except Exception as error:  # the neighbour-list library's own message lacks the structure
                 raise DataError(
                     f"{where}: its neighbour list within cutoff={cutoff} Å could not be built "
