@@ -101,7 +101,8 @@ def run_lightning(args) -> tuple[list[float], float]:
 
         def validation_step(self, batch, batch_index):
             terms = self.loss_fn(self.model, batch)
-            self.log("val/force_mae", terms["force_mae"], batch_size=len(batch))
+            force_mae = terms["force_mae"]  # an exact (total, count) pair; Lightning averages per batch
+            self.log("val/force_mae", force_mae.total / force_mae.count, batch_size=len(batch))
 
         def configure_optimizers(self):
             optimizer = torch.optim.Adam(self.parameters(), lr=LEARNING_RATE)

@@ -55,13 +55,14 @@ def bare_loop(data, epochs: int, run_dir: Path) -> tuple[list[float], float]:
         torch._foreach_copy_([p.data for p in params], ema)
         for p in params:
             p.requires_grad_(False)
-        val = sum(loss_fn(model, batch)["force_mae"] * len(batch) for batch in val_loader)
+        maes = [loss_fn(model, batch)["force_mae"] for batch in val_loader]  # (total, count) pairs
+        val = sum(m.total for m in maes) / sum(m.count for m in maes)
         for p in params:
             p.requires_grad_(True)
         torch._foreach_copy_([p.data for p in params], backup)
         scheduler.step()
         state = {
-            "val_force_mae": float(val) / len(data.datasets["val"]),
+            "val_force_mae": float(val),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

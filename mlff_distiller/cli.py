@@ -36,7 +36,13 @@ class CLIError(Exception):
 
 
 def fail(app: str, error: BaseException | str, code: int = EXIT_ERROR) -> NoReturn:
-    """Print ``app: error: <message>`` on stderr (no traceback) and exit with ``code``."""
+    """Print ``app: error: <message>`` on stderr (no traceback) and exit with ``code``.
+
+    Hydra's wrapper around an error of our own raised while building a ``_target_`` (e.g. a data file that
+    cannot be used) gives way to that error's one paragraph."""
+    cause = error.__cause__ if isinstance(error, BaseException) else None
+    if cause is not None and is_instantiation_error(error) and type(cause).__module__.startswith("mlff_distiller."):
+        error = cause
     print(f"{app}: error: {error}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -110,12 +116,16 @@ UNITS = {
     "timestep_fs": "fs",
     "temperature_K": "K",
 }
-"""Units of metrics, by the last part of their name (``test/force_mae`` -> ``force_mae``)."""
+"""Units of metrics, by the last part of their name that names a metric (``test/force_mae`` and
+``test/force_mae/Cu`` -> ``force_mae``; parts that name a group, such as ``config_type=md_600K``, are skipped)."""
 
 
 def unit_of(name: str) -> str:
     """The unit of metric ``name`` ("" when it has none or is unknown)."""
-    return UNITS.get(name.rsplit("/", 1)[-1], "")
+    for part in reversed(name.split("/")):
+        if part in UNITS:
+            return UNITS[part]
+    return ""
 
 
 def format_value(name: str, value: Any) -> str:

@@ -113,6 +113,8 @@ def train(cfg: DictConfig) -> float | None:
     statistics = getattr(data, "statistics", None)
     model = instantiate(cfg.model, **({"statistics": statistics} if statistics is not None else {}))
     loss = instantiate(cfg.loss)
+    if getattr(data, "metric_groups", None) and hasattr(loss, "metric_groups"):
+        loss.metric_groups = data.metric_groups  # per-config-type metrics need the group names
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
     loggers = [ConsoleLogger(print_epochs=False)]
@@ -164,18 +166,16 @@ def _distill_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path) 
     """Student (best checkpoint, EMA weights) vs teacher on the test split: accuracy, speed, NVE run."""
     import copy
 
-    from mlff_distiller.data.dataset import read_labelled_structures
     from mlff_distiller.distill_report import distillation_report, print_report
     from mlff_distiller.teachers.calculators import make_calculator
     from mlff_distiller.training import load_model_weights
 
     best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
-    if best is None or not best.is_file() or not hasattr(data, "split_indices"):
+    if best is None or not best.is_file() or not hasattr(data, "structures"):
         log.warning("distill_report needs checkpoints and a data module with a test split; skipped.")
         return {}
     student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
-    structures = read_labelled_structures(data.path)
-    test = [structures[i] for i in data.split_indices["test"]]
+    test = data.structures("test")  # from data.test_path when given
     teacher = make_calculator(cfg.teacher.name, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
     options = OmegaConf.to_container(cfg.distill_report, resolve=True)
     report = distillation_report(student, teacher, test, output_dir, seed=cfg.seed, **options)

@@ -66,7 +66,8 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
 
     Each item holds ``positions`` (n, 3), ``atomic_numbers`` (n,), ``cell`` (3, 3), ``pbc`` (3,),
     ``edge_index`` (2, e) with 0-based atom indices, ``cell_shifts`` (e, 3), and optionally
-    ``energy`` () and ``forces`` (n, 3), and Hessian rows (``hessian_row_coord``, ``hessian_rows``).
+    ``energy`` () and ``forces`` (n, 3), Hessian rows (``hessian_row_coord``, ``hessian_rows``) and a
+    ``metric_group`` () index (-1 for items without one).
     """
     counts = torch.tensor([len(item[keys.ATOMIC_NUMBERS]) for item in items], dtype=torch.long)
     offsets = torch.cumsum(counts, 0) - counts
@@ -87,6 +88,8 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
             out[key] = torch.cat(values) if key == keys.FORCES else torch.stack(values)
         elif any(present):
             raise KeyError(f"Some structures in the batch have {key!r} and others do not.")
+    if any(keys.METRIC_GROUP in item for item in items):
+        out[keys.METRIC_GROUP] = torch.tensor([int(item.get(keys.METRIC_GROUP, -1)) for item in items])
     out.update(_collate_hessian_rows(items, offsets))
     return AtomsBatch(out)
 

@@ -21,19 +21,27 @@ class DataError(ValueError):
 
 
 def read_labelled_structures(
-    path: str | os.PathLike[str], energy_key: str | None = None, forces_key: str | None = None, index: str = ":"
+    path: str | os.PathLike[str],
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    index: str = ":",
+    stress_key: str | None = None,
 ) -> list[Any]:
-    """Read every structure of ``path`` and check that each has finite energy and forces.
+    """Read every structure of ``path`` and check that each has finite positions, energy and forces.
 
     Labels come from the attached calculator results (extxyz, .traj, ASE db all keep them), or from
-    ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]`` when those keys are given.
-    Returns ASE ``Atoms`` with ``atoms.info["_energy"]`` and ``atoms.arrays["_forces"]`` set, and
-    ``atoms.info["_hessian_row_coord"]`` / ``["_hessian_rows"]`` for structures that carry Hessian rows
-    (see :func:`hessian_rows_of`).
+    ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]`` / ``atoms.info[stress_key]`` when those keys
+    are given (see :func:`attach_labels`). Stress is kept only when every structure has one (a set mixing
+    molecules and crystals trains without it).
     """
     import ase.io
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"Data file {str(path)!r} is a directory; give one ASE-readable file (extxyz, .traj, ASE db) "
+            "of labelled structures."
+        )
     if not path.is_file():
         raise DataError(f"Data file {str(path)!r} does not exist.")
     try:
@@ -47,40 +55,99 @@ def read_labelled_structures(
     if not structures:
         raise DataError(f"Data file {str(path)!r} holds no structures.")
     for number, atoms in enumerate(structures):
-        where = f"structure {number} of {str(path)!r}"
-        energy = _label(atoms, energy_key, "info", where, "energy")
-        forces = np.asarray(_label(atoms, forces_key, "arrays", where, "forces"), dtype=np.float64)
-        if forces.shape != (len(atoms), 3):
-            raise DataError(f"{where}: forces have shape {forces.shape}, expected ({len(atoms)}, 3).")
-        if not math.isfinite(float(energy)) or not np.isfinite(forces).all():
-            raise DataError(f"{where}: energy or forces are not finite (NaN or inf).")
-        atoms.info["_energy"] = float(energy)
-        atoms.arrays["_forces"] = forces
-        stress = _stress(atoms)
-        if stress is not None:
-            if not np.isfinite(stress).all():
-                raise DataError(f"{where}: stress is not finite (NaN or inf).")
-            atoms.info["_stress"] = stress
-        rows = hessian_rows_of(atoms, where)
-        if rows is not None:
-            atoms.info["_hessian_row_coord"], atoms.info["_hessian_rows"] = rows
-    # Stress trains only when every structure has it (a set mixing molecules and crystals has none).
-    if not all("_stress" in atoms.info for atoms in structures):
-        for atoms in structures:
-            atoms.info.pop("_stress", None)
+        attach_labels(atoms, f"structure {number} of {str(path)!r}", energy_key, forces_key, stress_key)
+    keep_stress_if_all_have_it(structures)
     return structures
 
 
-def _stress(atoms: Any) -> np.ndarray | None:
-    """The stored stress as a 3x3 matrix (eV/Å³), or None."""
-    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
-    if "stress" not in results or not atoms.pbc.all():
+def attach_labels(
+    atoms: Any,
+    where: str,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+) -> Any:
+    """Check ``atoms`` and store its labels where :func:`atoms_to_graph` reads them; returns ``atoms``.
+
+    Sets ``atoms.info["_energy"]`` (eV), ``atoms.arrays["_forces"]`` (eV/Å), ``atoms.info["_stress"]``
+    (3x3, eV/Å³, periodic structures with a stress) and ``atoms.info["_hessian_row_coord"]`` /
+    ``["_hessian_rows"]`` (see :func:`hessian_rows_of`). A missing, mis-shaped or non-finite label, or
+    non-finite positions, raise :class:`DataError` naming ``where`` and the key.
+    """
+    check_geometry(atoms, where)
+    energy = _label(atoms, energy_key, "info", where, "energy")
+    forces = np.asarray(_label(atoms, forces_key, "arrays", where, "forces"), dtype=np.float64)
+    if forces.shape != (len(atoms), 3):
+        raise DataError(f"{where}: forces have shape {forces.shape}, expected ({len(atoms)}, 3).")
+    if not math.isfinite(float(energy)) or not np.isfinite(forces).all():
+        raise DataError(f"{where}: energy or forces are not finite (NaN or inf).")
+    atoms.info["_energy"] = float(energy)
+    atoms.arrays["_forces"] = forces
+    stress = _stress(atoms, stress_key, where)
+    if stress is not None:
+        if not np.isfinite(stress).all():
+            raise DataError(f"{where}: stress is not finite (NaN or inf).")
+        atoms.info["_stress"] = stress
+    rows = hessian_rows_of(atoms, where)
+    if rows is not None:
+        atoms.info["_hessian_row_coord"], atoms.info["_hessian_rows"] = rows
+    return atoms
+
+
+def keep_stress_if_all_have_it(structures: Sequence[Any]) -> None:
+    """Drop the ``_stress`` labels unless every structure has one (batches hold stress for all or none)."""
+    if not all("_stress" in atoms.info for atoms in structures):
+        for atoms in structures:
+            atoms.info.pop("_stress", None)
+
+
+def check_geometry(atoms: Any, where: str = "the structure") -> None:
+    """Raise :class:`DataError` naming ``where`` when positions or the cell are not finite, or a periodic
+    structure has a singular cell (neighbour lists would fail on it, or give a silent wrong answer)."""
+    positions = np.asarray(atoms.positions, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        raise DataError(
+            f"{where}: positions of atom(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are not finite "
+            f"(e.g. {positions[bad[0]].tolist()}); every coordinate must be a finite number (Å)."
+        )
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    if not np.isfinite(cell).all():
+        raise DataError(f"{where}: the cell {cell.tolist()} is not finite.")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any() and abs(np.linalg.det(cell)) < 1e-12:
+        raise DataError(
+            f"{where}: periodic (pbc={pbc.tolist()}) but its cell {cell.tolist()} has zero volume; give three "
+            "independent lattice vectors, or pbc=False for a molecule or cluster."
+        )
+
+
+def _stress(atoms: Any, key: str | None = None, where: str = "the structure") -> np.ndarray | None:
+    """The stored stress of a periodic structure as a 3x3 matrix (eV/Å³): ``atoms.info[key]``, or the
+    calculator's; None when there is none or the structure is not periodic (stress needs a volume)."""
+    if not atoms.pbc.all():
         return None
-    stress = np.asarray(results["stress"], dtype=np.float64)
-    if stress.shape == (6,):
-        xx, yy, zz, yz, xz, xy = stress
-        stress = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
-    return stress.reshape(3, 3)
+    if key is not None:
+        if key not in atoms.info:
+            raise DataError(
+                f"{where} has no info[{key!r}] (stress); it has {sorted(atoms.info)}. Set the data's stress_key "
+                "to one of those, or null to use calculator results."
+            )
+        value = np.asarray(atoms.info[key], dtype=np.float64)
+        if value.shape not in ((6,), (9,), (3, 3)):
+            raise DataError(
+                f"{where}: info[{key!r}] (stress) has shape {value.shape}; expected 6 (Voigt: xx yy zz yz xz xy), "
+                "9 or 3x3 values in eV/Å³."
+            )
+    else:
+        results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+        if "stress" not in results:
+            return None
+        value = np.asarray(results["stress"], dtype=np.float64)
+    if value.shape == (6,):
+        xx, yy, zz, yz, xz, xy = value
+        value = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return value.reshape(3, 3)
 
 
 def hessian_rows_of(atoms: Any, where: str = "structure") -> tuple[np.ndarray, np.ndarray] | None:
@@ -158,11 +225,40 @@ def atoms_to_graph(
 
 
 class AtomsDataset(Dataset):
-    """Labelled structures as graphs; neighbour lists are built once, here, since structures never move."""
+    """Labelled structures as graphs; neighbour lists are built once, here, since structures never move.
 
-    def __init__(self, structures: Sequence[Any], cutoff: float) -> None:
+    Args:
+        structures: ASE ``Atoms`` with the ``_energy`` / ``_forces`` entries of :func:`read_labelled_structures`.
+        cutoff: neighbour-list cutoff, Å (finite, > 0).
+        source: what the structures are called in error messages (e.g. the file they came from).
+        metric_groups: per structure, the index of its metric group (-1: none), stored as ``metric_group``.
+        dtype: of the floating-point tensors (default: torch's default dtype).
+    """
+
+    def __init__(
+        self,
+        structures: Sequence[Any],
+        cutoff: float,
+        source: str = "the data",
+        metric_groups: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_cutoff(cutoff)
         self.cutoff = cutoff
-        self.graphs = [atoms_to_graph(atoms, cutoff) for atoms in structures]
+        self.graphs = []
+        for number, atoms in enumerate(structures):
+            where = f"structure {number} of {source}"
+            check_geometry(atoms, where)
+            try:
+                graph = atoms_to_graph(atoms, cutoff, dtype=dtype)
+            except Exception as error:  # the neighbour-list library's own message lacks the structure
+                raise DataError(
+                    f"{where}: its neighbour list within cutoff={cutoff} Å could not be built "
+                    f"({type(error).__name__}: {error})."
+                ) from error
+            if metric_groups is not None:
+                graph[keys.METRIC_GROUP] = torch.tensor(int(metric_groups[number]))
+            self.graphs.append(graph)
         self.config_types = [str(atoms.info.get("config_type", "")) for atoms in structures]
 
     def __len__(self) -> int:
@@ -177,3 +273,28 @@ class AtomsDataset(Dataset):
         new.graphs = [self.graphs[i] for i in indices]
         new.config_types = [self.config_types[i] for i in indices]
         return new
+
+
+def metric_groups_of(structures: Sequence[Any], key: str | None) -> tuple[list[str], list[int]]:
+    """Group names ``"<key>=<value>"`` (sorted) of ``atoms.info[key]`` over ``structures``, and each structure's
+    index into them (-1 for a structure without the key). No key, or no structure with it: no groups."""
+    if key is None:
+        return [], [-1] * len(structures)
+    values = sorted({str(atoms.info[key]) for atoms in structures if key in atoms.info})
+    position = {value: index for index, value in enumerate(values)}
+    return [f"{key}={value}" for value in values], [
+        position[str(atoms.info[key])] if key in atoms.info else -1 for atoms in structures
+    ]
+
+
+def check_cutoff(cutoff: Any) -> None:
+    """Raise :class:`DataError` naming the ``cutoff`` config key unless ``cutoff`` is a finite number > 0."""
+    try:
+        valid = math.isfinite(float(cutoff)) and float(cutoff) > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise DataError(
+            f"cutoff={cutoff!r} is invalid: the neighbour-list cutoff must be a finite number of Å > 0 (e.g. "
+            "cutoff=5.0; the top-level `cutoff` key sets both data.cutoff and model.cutoff)."
+        )

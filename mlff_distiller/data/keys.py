@@ -28,6 +28,11 @@ FORCES = "forces"
 STRESS = "stress"
 """Stress of periodic structures, eV/Å³, (structures, 3, 3); ASE's sign: (1/V) dE/dstrain."""
 
+METRIC_GROUP = "metric_group"
+"""Group each structure is reported under (e.g. its ``config_type``): an index into the data's
+``metric_groups`` names, -1 for a structure outside every group; (structures,) int64. Present only when the
+data names a group key; losses report per-group metrics from it."""
+
 ATOMS_KEYS = (POSITIONS, ATOMIC_NUMBERS, CELL, PBC, BATCH, NUM_ATOMS, EDGE_INDEX, CELL_SHIFTS)
 LABEL_KEYS = (ENERGY, FORCES, STRESS)
 

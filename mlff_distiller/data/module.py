@@ -13,24 +13,36 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .batch import collate_atoms
-from .dataset import AtomsDataset, DataError, read_labelled_structures
+from .dataset import AtomsDataset, DataError, check_cutoff, metric_groups_of, read_labelled_structures
 from .statistics import DatasetStatistics, compute_statistics
 
 log = logging.getLogger(__name__)
+
+
+SPLITS = ("train", "val", "test")
 
 
 class AtomsDataModule:
     """Train/validation/test loaders of labelled structures.
 
     Args:
-        path: any ASE-readable file with energies and forces; when given, ``source`` is not used.
+        path: any ASE-readable file with energies and forces (the training file); when given, ``source``
+            is not used.
         source: a callable returning such a path (e.g. the built-in teacher-labelled generator).
         cutoff: neighbour-list cutoff, Å (the model's cutoff).
-        num_val, num_test: structures held out (seeded random split); the rest trains,
-            capped at ``num_train`` when given.
-        energy_key, forces_key: ``atoms.info`` / ``atoms.arrays`` keys of the labels; None uses
-            the calculator results stored in the file.
+        num_val, num_test: structures drawn from ``path`` for validation and test (seeded random split)
+            when ``val_path`` / ``test_path`` is not given; the rest trains, capped at ``num_train`` when given.
+        val_path, test_path: predefined validation / test files (e.g. a published benchmark split), used
+            whole; the training file then keeps those structures. Statistics always come from the training
+            split alone.
+        energy_key, forces_key, stress_key: ``atoms.info`` / ``atoms.arrays`` / ``atoms.info`` keys of the
+            labels (in every file); None uses the calculator results stored in the files.
         group_key: an ``atoms.info`` key whose equal values must share a split (e.g. ``md_run``).
+        metric_groups_key: an ``atoms.info`` key (default ``config_type``) by whose values metrics are also
+            reported (e.g. ``force_mae/config_type=md_600K``); structures without it belong to no group.
+
+    An element present in the validation or test split but absent from the training split is an error
+    (the student would answer for it untrained).
     """
 
     def __init__(
@@ -47,40 +59,91 @@ class AtomsDataModule:
         num_workers: int = 0,
         energy_key: str | None = None,
         forces_key: str | None = None,
+        stress_key: str | None = None,
         group_key: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        metric_groups_key: str | None = "config_type",
     ) -> None:
         if path is None and not callable(source):
             raise DataError(
                 "Give data.path (an ASE-readable file with energies and forces) or data.source (a "
                 f"generator that returns one); got path={path!r}, source={source!r}."
             )
-        if num_val < 1 or num_test < 0 or (num_train is not None and num_train < 1):
+        check_cutoff(cutoff)
+        drawn = {"val": num_val if val_path is None else 0, "test": num_test if test_path is None else 0}
+        if (val_path is None and num_val < 1) or num_test < 0 or (num_train is not None and num_train < 1):
             raise DataError(
-                f"num_val={num_val} must be >= 1, num_test={num_test} >= 0 and num_train={num_train} >= 1 or null."
+                f"num_val={num_val} must be >= 1 (unless data.val_path is given), num_test={num_test} >= 0 and "
+                f"num_train={num_train} >= 1 or null."
             )
         self.path = Path(path) if path is not None else Path(source())  # type: ignore[misc]
-        structures = read_labelled_structures(self.path, energy_key, forces_key)
-        available = len(structures) - num_val - num_test
+        self.split_files: dict[str, Path] = {
+            "train": self.path,
+            "val": Path(val_path) if val_path is not None else self.path,
+            "test": Path(test_path) if test_path is not None else self.path,
+        }
+        """The file each split comes from (the training file for splits drawn from it)."""
+        for name, given in (("val_path", val_path), ("test_path", test_path)):
+            if given is not None and Path(given).resolve() == self.path.resolve():
+                raise DataError(
+                    f"data.{name}={given!r} is the training file itself; give a separate file, or leave "
+                    f"data.{name} null to draw the split from the training file (num_{name[:-5]})."
+                )
+        files: dict[Path, list[Any]] = {}
+        for file in self.split_files.values():  # the training file first: its errors come first
+            if file not in files:
+                files[file] = read_labelled_structures(file, energy_key, forces_key, stress_key=stress_key)
+        structures = files[self.path]
+        available = len(structures) - drawn["val"] - drawn["test"]
         if available < 1:
             raise DataError(
-                f"{str(self.path)!r} holds {len(structures)} structures: too few for num_val={num_val} "
-                f"and num_test={num_test} with at least one left to train on."
+                f"{str(self.path)!r} holds {len(structures)} structures: too few for num_val={drawn['val']} "
+                f"and num_test={drawn['test']} with at least one left to train on."
             )
-        self.split_indices = _split(structures, num_val, num_test, num_train, seed, group_key)
-        dataset = AtomsDataset(structures, cutoff)
-        self.datasets = {name: dataset.subset(idx) for name, idx in self.split_indices.items()}
+        self.split_indices = _split(structures, drawn["val"], drawn["test"], num_train, seed, group_key)
+        """Indices of each split's structures in its file (``split_files``)."""
+        for name in ("val", "test"):
+            if self.split_files[name] != self.path:
+                self.split_indices[name] = list(range(len(files[self.split_files[name]])))
+        self._structures = {
+            name: [files[self.split_files[name]][i] for i in self.split_indices[name]] for name in SPLITS
+        }
+        _check_elements_are_trained(self._structures, self.split_files, self.split_indices)
+        _warn_on_shared_structures(self._structures, self.split_files)
+        everything = [atoms for name in SPLITS for atoms in self._structures[name]]
+        names, flat_groups = metric_groups_of(everything, metric_groups_key)  # one table for every split
+        starts = np.cumsum([0] + [len(self._structures[name]) for name in SPLITS])
+        group_of = {name: flat_groups[starts[i] : starts[i + 1]] for i, name in enumerate(SPLITS)}
+        self.metric_groups: list[str] = names
+        """Names of the metric groups (e.g. ``["config_type=md_600K", "config_type=rattle"]``), indexed by
+        the batches' ``metric_group``; empty without ``metric_groups_key`` or when no structure has it."""
+        self.datasets = {
+            name: AtomsDataset(
+                self._structures[name],
+                cutoff,
+                source=f"the {name} split of {str(self.split_files[name])!r}",
+                metric_groups=group_of[name] if self.metric_groups else None,
+            )
+            for name in SPLITS
+        }
         self.statistics: DatasetStatistics = compute_statistics(self.datasets["train"].graphs)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.seed = seed
         self.num_workers = num_workers
         log.info(
-            "Data %s: %s structures (train/val/test), %.1f neighbours per atom within %.2f Å",
-            self.path,
-            "/".join(str(len(self.datasets[s])) for s in ("train", "val", "test")),
+            "Data: %s structures (train/val/test) from %s, %.1f neighbours per atom within %.2f Å",
+            "/".join(str(len(self.datasets[s])) for s in SPLITS),
+            ", ".join(sorted({str(f) for f in self.split_files.values()})),
             self.statistics.avg_num_neighbors,
             cutoff,
         )
+
+    def structures(self, split: str) -> list[Any]:
+        """The ASE ``Atoms`` of a split (labels as ``info["_energy"]`` / ``arrays["_forces"]``), in the order of
+        ``datasets[split]`` (the order the validation and test loaders yield)."""
+        return list(self._structures[split])
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         """Each process of a multi-process run reads its own share; ``batch_size`` is per process.
@@ -169,3 +232,59 @@ def _split(
     if num_train is not None:
         split["train"] = split["train"][:num_train]
     return split
+
+
+def _check_elements_are_trained(
+    structures: dict[str, list[Any]], files: dict[str, Path], indices: dict[str, list[int]]
+) -> None:
+    """An element of the validation or test split that the training split lacks is an error naming both."""
+    from ase.data import chemical_symbols
+
+    trained = {int(z) for atoms in structures["train"] for z in atoms.numbers}
+    for split in ("val", "test"):
+        offenders: dict[int, list[int]] = {}
+        for index, atoms in zip(indices[split], structures[split]):
+            for z in sorted(set(atoms.numbers.tolist()) - trained):
+                offenders.setdefault(int(z), []).append(index)
+        if offenders:
+            drawn = files[split] == files["train"]
+            names = ", ".join(
+                f"{chemical_symbols[z]} (structure{'s' if len(found) > 1 else ''} "
+                f"{', '.join(map(str, found[:5]))}{' ...' if len(found) > 5 else ''})"
+                for z, found in offenders.items()
+            )
+            raise DataError(
+                f"The {split} split ({'drawn from ' if drawn else ''}{str(files[split])!r}) holds {names}, absent from "
+                f"the training split of {str(files['train'])!r}; the student would be evaluated on elements it was "
+                "never trained on. Add structures with "
+                f"{'these elements' if len(offenders) > 1 else 'this element'} to the training data"
+                + (" (or choose another seed / num_val / num_test)" if drawn else "")
+                + f", or remove them from the {split} split."
+            )
+
+
+def _fingerprint(atoms: Any) -> bytes:
+    return b"".join(
+        np.ascontiguousarray(a).tobytes()
+        for a in (atoms.numbers, np.round(atoms.positions, 6), np.round(atoms.cell.array, 6))
+    )
+
+
+def _warn_on_shared_structures(structures: dict[str, list[Any]], files: dict[str, Path]) -> None:
+    """Predefined validation/test files that repeat training structures leak them: say so."""
+    trained = {_fingerprint(atoms) for atoms in structures["train"]}
+    for split in ("val", "test"):
+        if files[split] == files["train"]:
+            continue
+        shared = sum(_fingerprint(atoms) in trained for atoms in structures[split])
+        if shared:
+            log.warning(
+                "%d of the %d structures of the %s file %s are also in the training file %s (same elements, "
+                "positions and cell): their %s metrics are not held-out errors.",
+                shared,
+                len(structures[split]),
+                split,
+                files[split],
+                files["train"],
+                split,
+            )

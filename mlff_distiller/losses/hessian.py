@@ -10,7 +10,7 @@ keys of :mod:`mlff_distiller.data.keys`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data import keys
 from ..training.callbacks import Callback
+from ..training.metrics import Mean
 from .energy_force import EnergyForceLoss
 
 if TYPE_CHECKING:
@@ -87,9 +88,9 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
 
     As a :class:`~mlff_distiller.training.Callback` it follows ``trainer.global_step``; used without a
     Trainer, set ``loss.step`` yourself. In eval mode (validation, test) every stored row is compared and
-    ``hessian_mae`` (meV/Å²) is reported whatever the step; in training it and ``hessian_loss`` are
-    reported only while the term is on (an epoch in which it switches on averages them over all batches).
-    Batches without Hessian rows skip the term.
+    ``hessian_mae`` (meV/Å², exact: over every compared entry of the split) is reported whatever the step; in
+    training it and ``hessian_loss`` are reported only while the term is on (averaged over the batches that
+    had it). Batches without Hessian rows skip the term.
     """
 
     def __init__(
@@ -100,12 +101,13 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
         kind: str = "mse",
         huber_delta: float = 0.01,
         stress_weight: float = 0.0,
+        metric_groups: Sequence[str] | None = None,
         hessian_weight: float = 1.0,
         hessian_rows: int = 1,
         hessian_start_step: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(energy_weight, force_weight, per_atom_energy, kind, huber_delta, stress_weight)
+        super().__init__(energy_weight, force_weight, per_atom_energy, kind, huber_delta, stress_weight, metric_groups)
         if hessian_weight < 0:
             raise ValueError(f"hessian_weight={hessian_weight} must be >= 0.")
         if hessian_rows < 1:
@@ -126,7 +128,7 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
         """Whether the training loss includes the Hessian term at the current step."""
         return self.hessian_weight > 0 and self.step >= self.hessian_start_step
 
-    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | Mean]:
         has_rows = keys.HESSIAN_ROWS in batch and batch[keys.HESSIAN_ROW_COORD].numel() > 0
         wanted = has_rows and (self.hessian_active or not model.training)
         if not wanted:
@@ -134,7 +136,7 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
         positions = batch[keys.POSITIONS].detach().requires_grad_(True)
         with torch.enable_grad():
             predicted = model({**batch, keys.POSITIONS: positions})
-            out = self.terms(predicted, batch)
+            out = self.terms(predicted, batch, detailed=not model.training)
             if model.training:
                 stream = np.random.SeedSequence([self.seed, self.calls]).generate_state(1, np.uint64)[0]
                 generator = torch.Generator().manual_seed(int(stream) >> 1)
@@ -152,7 +154,8 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
             hessian_loss = self._term(error)
             out["loss"] = out["loss"] + self.hessian_weight * hessian_loss
             out["hessian_loss"] = hessian_loss.detach()
-        out["hessian_mae"] = 1e3 * error.detach().abs().mean()
+        absolute = error.detach().double().abs()
+        out["hessian_mae"] = Mean(1e3 * absolute.sum(), absolute.new_tensor(float(absolute.numel())))
         return out
 
     def _sample(

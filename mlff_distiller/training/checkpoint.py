@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -190,10 +191,18 @@ def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu"
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
+        # torch's own message may advise loading with weights_only=False, which would run the code a
+        # file of unknown origin carries: our message stands alone.
+        content = (
+            "it is not a PyTorch file, or it holds objects other than tensors and plain data (never unpickled here)"
+            if isinstance(error, pickle.UnpicklingError)
+            else "it is not a complete PyTorch file"
+        )
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} could not be read ({type(error).__name__}: {error}). "
-            "It may be truncated, corrupt, or not a mlff_distiller checkpoint."
-        ) from error
+            f"Checkpoint {str(path)!r} could not be read: {content}. It may be truncated, corrupt, or not a "
+            "mlff_distiller checkpoint; pass a checkpoint written by mlff-train (checkpoints/best_model.pt, "
+            "last.pt) or its run directory."
+        ) from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"Checkpoint {str(path)!r} is not a mlff_distiller checkpoint (no format_version).")
     if not isinstance(state["format_version"], int) or state["format_version"] > FORMAT_VERSION:

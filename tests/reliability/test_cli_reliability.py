@@ -41,7 +41,8 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def assert_same_weights(a: Path, b: Path) -> float:
     first, second = load_checkpoint_file(a), load_checkpoint_file(b)
     assert first["global_step"] == second["global_step"]
-    diff = max((first["model"][k] - second["model"][k]).abs().max().item() for k in first["model"])
+    # double(): the state holds a bool buffer (trained_elements), which torch cannot subtract
+    diff = max((first["model"][k].double() - second["model"][k].double()).abs().max().item() for k in first["model"])
     assert diff <= 1e-6
     return diff
 
@@ -124,6 +125,7 @@ def test_runs_started_in_the_same_second_get_their_own_directory():
     """The run directory's name carries microseconds (Hydra's default has whole seconds)."""
     from hydra import compose, initialize_config_module
 
+    import mlff_distiller.train  # noqa: F401  (registers the trainer schema that conf/trainer/default.yaml extends)
     from mlff_distiller.cli import run_stamp as _run_stamp
 
     stamps = {_run_stamp() for _ in range(50)}
