@@ -66,7 +66,8 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
 
     Each item holds ``positions`` (n, 3), ``atomic_numbers`` (n,), ``cell`` (3, 3), ``pbc`` (3,),
     ``edge_index`` (2, e) with 0-based atom indices, ``cell_shifts`` (e, 3), and optionally
-    ``energy`` () and ``forces`` (n, 3), and Hessian rows (``hessian_row_coord``, ``hessian_rows``).
+    ``energy`` () and ``forces`` (n, 3), ``stress`` (3, 3), ``site_energies`` (n,), and Hessian rows
+    (``hessian_row_coord``, ``hessian_rows``).
     """
     counts = torch.tensor([len(item[keys.ATOMIC_NUMBERS]) for item in items], dtype=torch.long)
     offsets = torch.cumsum(counts, 0) - counts
@@ -84,7 +85,7 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
         present = [key in item for item in items]
         if all(present):
             values = [item[key] for item in items]
-            out[key] = torch.cat(values) if key == keys.FORCES else torch.stack(values)
+            out[key] = torch.cat(values) if key in keys.PER_ATOM_LABEL_KEYS else torch.stack(values)
         elif any(present):
             raise KeyError(f"Some structures in the batch have {key!r} and others do not.")
     out.update(_collate_hessian_rows(items, offsets))

@@ -29,7 +29,8 @@ def read_labelled_structures(
     ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]`` when those keys are given.
     Returns ASE ``Atoms`` with ``atoms.info["_energy"]`` and ``atoms.arrays["_forces"]`` set, and
     ``atoms.info["_hessian_row_coord"]`` / ``["_hessian_rows"]`` for structures that carry Hessian rows
-    (see :func:`hessian_rows_of`).
+    (see :func:`hessian_rows_of`), and ``atoms.arrays["_site_energies"]`` when every structure carries
+    the teacher's site energies (see :func:`site_energies_of`).
     """
     import ase.io
 
@@ -64,11 +65,54 @@ def read_labelled_structures(
         rows = hessian_rows_of(atoms, where)
         if rows is not None:
             atoms.info["_hessian_row_coord"], atoms.info["_hessian_rows"] = rows
+        site_energies = site_energies_of(atoms, float(energy), where)
+        if site_energies is not None:
+            atoms.arrays["_site_energies"] = site_energies
     # Stress trains only when every structure has it (a set mixing molecules and crystals has none).
     if not all("_stress" in atoms.info for atoms in structures):
         for atoms in structures:
             atoms.info.pop("_stress", None)
+    with_site_energies = sum("_site_energies" in atoms.arrays for atoms in structures)
+    if 0 < with_site_energies < len(structures):
+        missing = next(i for i, atoms in enumerate(structures) if "_site_energies" not in atoms.arrays)
+        raise DataError(
+            f"{with_site_energies} of the {len(structures)} structures of {str(path)!r} carry site energies "
+            f"(arrays[{keys.SITE_ENERGIES_ARRAY!r}]) but structure {missing} does not; label all of them with "
+            "site energies or none."
+        )
     return structures
+
+
+SITE_ENERGY_SUM_TOLERANCE = 1e-5
+"""eV/atom; site energies must sum to the structure's energy to this (file rounding is ~1e-8 eV per atom)."""
+
+
+def site_energies_of(atoms: Any, energy: float, where: str = "structure") -> np.ndarray | None:
+    """The teacher's site energies a labelled structure carries ((n,), eV), or None.
+
+    They are stored as ``atoms.arrays["site_energies"]`` (see :mod:`~mlff_distiller.data.keys`); a wrong
+    shape, non-finite values or a sum that differs from ``energy`` by more than
+    :data:`SITE_ENERGY_SUM_TOLERANCE` per atom raise :class:`DataError` naming ``where``.
+    """
+    if keys.SITE_ENERGIES_ARRAY not in atoms.arrays:
+        return None
+    values = np.asarray(atoms.arrays[keys.SITE_ENERGIES_ARRAY], dtype=np.float64)
+    if values.shape != (len(atoms),):
+        raise DataError(
+            f"{where}: arrays[{keys.SITE_ENERGIES_ARRAY!r}] has shape {values.shape}, expected ({len(atoms)},) "
+            "(one energy per atom, eV)."
+        )
+    if not np.isfinite(values).all():
+        raise DataError(f"{where}: site energies are not finite (NaN or inf).")
+    mismatch = abs(float(values.sum()) - energy)
+    if mismatch > SITE_ENERGY_SUM_TOLERANCE * max(len(atoms), 1):
+        raise DataError(
+            f"{where}: the site energies sum to {values.sum():.6f} eV but the energy is {energy:.6f} eV "
+            f"({1e3 * mismatch / max(len(atoms), 1):.3g} meV/atom apart; at most "
+            f"{1e3 * SITE_ENERGY_SUM_TOLERANCE:g} meV/atom is accepted). A student's site energies always sum "
+            "to its energy, so these labels cannot both be matched."
+        )
+    return values
 
 
 def _stress(atoms: Any) -> np.ndarray | None:
@@ -154,6 +198,8 @@ def atoms_to_graph(
         if "_hessian_rows" in atoms.info:
             graph[keys.HESSIAN_ROW_COORD] = torch.tensor(atoms.info["_hessian_row_coord"], dtype=torch.long)
             graph[keys.HESSIAN_ROWS] = torch.tensor(atoms.info["_hessian_rows"], dtype=dtype)
+        if "_site_energies" in atoms.arrays:
+            graph[keys.SITE_ENERGIES] = torch.tensor(atoms.arrays["_site_energies"], dtype=dtype)
     return graph
 
 

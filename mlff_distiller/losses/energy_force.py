@@ -20,6 +20,19 @@ class EnergyForceLoss:
     compares the virial per atom, stress x volume / atoms (eV/atom), so its scale matches the
     per-atom energy; batches without stress labels skip it.
 
+    The site-energy term (``site_energy_weight > 0``) compares the student's per-atom energies (the terms
+    its energy is the sum of) with the teacher's, atom by atom (eV); the data must carry them
+    (``data.source.site_energies=true``). A decomposition of the energy into atoms is not unique: it is
+    each model's gauge. What the term matches is the teacher's particular one, and that is meaningful
+    because (1) the per-element offsets are pinned: both sides sum to the (matched) total energies, so a
+    constant shift per element is ruled out wherever the per-element least-squares reference energies are
+    unique (compositions that vary across the set; the student's reference energies are only its starting
+    point, and its network learns the rest of the offset); (2) what remains, how energy is shared between
+    neighbours, is a smooth local function for both models (sums of per-atom terms of a finite
+    environment), so the teacher's split is learnable and gives n labels per structure instead of one.
+    It does not make the student's energies more correct than the teacher's; it makes its atoms like the
+    teacher's atoms. ``site_energy_mae`` (meV/atom) is reported whenever the labels are present.
+
     With ``per_atom_energy`` the energy term compares energies divided by the number of atoms, so
     structures of different sizes weigh alike. Reported terms (besides ``loss``):
     ``energy_mae_per_atom``, ``energy_rmse_per_atom`` (meV/atom), ``force_mae``, ``force_rmse``
@@ -34,6 +47,7 @@ class EnergyForceLoss:
         kind: str = "mse",
         huber_delta: float = 0.01,
         stress_weight: float = 0.0,
+        site_energy_weight: float = 0.0,
     ) -> None:
         if energy_weight < 0 or force_weight < 0 or energy_weight + force_weight == 0:
             raise ValueError(
@@ -41,6 +55,8 @@ class EnergyForceLoss:
             )
         if stress_weight < 0:
             raise ValueError(f"stress_weight={stress_weight} must be >= 0.")
+        if site_energy_weight < 0:
+            raise ValueError(f"site_energy_weight={site_energy_weight} must be >= 0.")
         if kind not in KINDS:
             raise ValueError(f"loss kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
         if huber_delta <= 0:
@@ -51,6 +67,7 @@ class EnergyForceLoss:
         self.kind = kind
         self.huber_delta = huber_delta
         self.stress_weight = stress_weight
+        self.site_energy_weight = site_energy_weight
 
     def _term(self, error: torch.Tensor) -> torch.Tensor:
         if self.kind == "huber":
@@ -80,6 +97,11 @@ class EnergyForceLoss:
             volume_per_atom = torch.linalg.det(batch[keys.CELL]).abs() / atoms
             loss = loss + self.stress_weight * self._term(stress_error * volume_per_atom[:, None, None])
             extra["stress_mae"] = 1e3 * stress_error.detach().abs().mean()
+        if self.site_energy_weight > 0 or (keys.SITE_ENERGIES in batch and keys.SITE_ENERGIES in predicted):
+            site_error = self._site_energy_error(predicted, batch)
+            if self.site_energy_weight > 0:
+                loss = loss + self.site_energy_weight * self._term(site_error)
+            extra["site_energy_mae"] = 1e3 * site_error.detach().abs().mean()
         with torch.no_grad():
             return {
                 **extra,
@@ -89,6 +111,23 @@ class EnergyForceLoss:
                 "force_mae": 1e3 * force_error.abs().mean(),
                 "force_rmse": 1e3 * force_error.pow(2).mean().sqrt(),
             }
+
+    def _site_energy_error(
+        self, predicted: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Student minus teacher site energies, eV; (atoms,). A requested term without labels is an error."""
+        if keys.SITE_ENERGIES not in batch:
+            raise ValueError(
+                f"loss.site_energy_weight={self.site_energy_weight} but the data has no site energies. Label "
+                "them with the teacher (data.source.site_energies=true; teachers with site energies: emt, "
+                "chgnet, sevenn), or set loss.site_energy_weight=0."
+            )
+        if keys.SITE_ENERGIES not in predicted:
+            raise ValueError(
+                f"loss.site_energy_weight={self.site_energy_weight} needs a model that outputs "
+                f"{keys.SITE_ENERGIES!r} (the atomistic students do)."
+            )
+        return predicted[keys.SITE_ENERGIES] - batch[keys.SITE_ENERGIES].to(predicted[keys.SITE_ENERGIES].dtype)
 
 
 def _atoms_per_structure(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
