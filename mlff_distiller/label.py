@@ -80,14 +80,12 @@ def label(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="pkg://mlff_distiller.conf", config_name="label")
 def main(cfg: DictConfig) -> None:
     """Label ``cfg.input`` into ``cfg.output`` (see :func:`label`)."""
-    from mlff_distiller.data.dataset import DataError
     from mlff_distiller.teachers.calculators import SiteEnergiesUnavailableError, TeacherUnavailableError
     from mlff_distiller.teachers.hessian import HessianMethodError
     from mlff_distiller.teachers.labelling import IncompleteShardsError, LabelFileMismatchError, NonFiniteLabelError
 
     known = (
         LabelCLIError,
-        DataError,
         SiteEnergiesUnavailableError,
         TeacherUnavailableError,
         HessianMethodError,

@@ -83,16 +83,12 @@ def read_labelled_structures(
     return structures
 
 
-SITE_ENERGY_SUM_TOLERANCE = 1e-5
-"""eV/atom; site energies must sum to the structure's energy to this (file rounding is ~1e-8 eV per atom)."""
-
-
 def site_energies_of(atoms: Any, energy: float, where: str = "structure") -> np.ndarray | None:
     """The teacher's site energies a labelled structure carries ((n,), eV), or None.
 
     They are stored as ``atoms.arrays["site_energies"]`` (see :mod:`~mlff_distiller.data.keys`); a wrong
     shape, non-finite values or a sum that differs from ``energy`` by more than
-    :data:`SITE_ENERGY_SUM_TOLERANCE` per atom raise :class:`DataError` naming ``where``.
+    ``keys.SITE_ENERGY_SUM_TOLERANCE`` per atom raise :class:`DataError` naming ``where``.
     """
     if keys.SITE_ENERGIES_ARRAY not in atoms.arrays:
         return None
@@ -105,11 +101,11 @@ def site_energies_of(atoms: Any, energy: float, where: str = "structure") -> np.
     if not np.isfinite(values).all():
         raise DataError(f"{where}: site energies are not finite (NaN or inf).")
     mismatch = abs(float(values.sum()) - energy)
-    if mismatch > SITE_ENERGY_SUM_TOLERANCE * max(len(atoms), 1):
+    if mismatch > keys.SITE_ENERGY_SUM_TOLERANCE * max(len(atoms), 1):
         raise DataError(
             f"{where}: the site energies sum to {values.sum():.6f} eV but the energy is {energy:.6f} eV "
             f"({1e3 * mismatch / max(len(atoms), 1):.3g} meV/atom apart; at most "
-            f"{1e3 * SITE_ENERGY_SUM_TOLERANCE:g} meV/atom is accepted). A student's site energies always sum "
+            f"{1e3 * keys.SITE_ENERGY_SUM_TOLERANCE:g} meV/atom is accepted). A student's site energies always sum "
             "to its energy, so these labels cannot both be matched."
         )
     return values

@@ -62,6 +62,8 @@ HESSIAN_ROWS_ARRAY = "hessian_rows"
 # Where labelled extended-XYZ files keep the other teacher outputs and the labelling's provenance:
 SITE_ENERGIES_ARRAY = "site_energies"
 """``atoms.arrays`` entry: the teacher's per-atom energies, (n,), eV; they sum to the structure's energy."""
+SITE_ENERGY_SUM_TOLERANCE = 1e-5
+"""eV/atom; site energies must sum to the structure's energy to this (file rounding is ~1e-8 eV per atom)."""
 TEACHER_CALLS_INFO = "teacher_calls"
 """``atoms.info`` entry: teacher evaluations spent on the structure (int): its single point, 2 per
 finite-difference Hessian row, 1 for an autograd pass (whose backward passes show only in the teacher's

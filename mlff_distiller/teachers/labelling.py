@@ -289,13 +289,11 @@ def _label_one(atoms: Atoms, teacher: _Teacher, index: int) -> tuple[Atoms, dict
 
 
 def _check_site_energies(values: np.ndarray, energy: float, n: int, index: int) -> None:
-    from ..data.dataset import SITE_ENERGY_SUM_TOLERANCE
-
     if values.shape != (n,) or not np.isfinite(values).all():
         raise NonFiniteLabelError(
             f"The teacher's site energies of structure {index} are not {n} finite numbers (shape {values.shape})."
         )
-    if abs(float(values.sum()) - energy) > SITE_ENERGY_SUM_TOLERANCE * max(n, 1):
+    if abs(float(values.sum()) - energy) > keys.SITE_ENERGY_SUM_TOLERANCE * max(n, 1):
         raise ValueError(
             f"The teacher's site energies of structure {index} sum to {values.sum():.6f} eV, not to its energy "
             f"{energy:.6f} eV; such labels cannot be matched by a student (whose site energies sum to its "

@@ -127,3 +127,18 @@ def test_bad_options_are_refused_before_any_work(structures, tmp_path):
     with pytest.raises(ValueError, match="workers=0"):
         label_structures(structures, EMT(), output, workers=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_dataset_builder_labels_in_workers_and_records_the_teacher_cost(tmp_path):
+    from mlff_distiller.teachers import build_default_dataset
+
+    options = {"num_structures": 6, "md_fraction": 0.0, "chunk_size": 2, "progress": False, "site_energies": True}
+    serial = build_default_dataset(tmp_path / "serial", **options)
+    parallel = build_default_dataset(tmp_path / "parallel", label_workers=2, **options)
+    assert parallel.name == serial.name and parallel.read_bytes() == serial.read_bytes()  # same key, same file
+    meta = json.loads(parallel.with_suffix(".json").read_text())
+    assert meta["label_workers"] == 2 and meta["config"]["labels"] == ["energy", "forces", "stress", "site_energies"]
+    cost = meta["teacher_cost"]
+    assert cost["structures"] == 6 and cost["teacher_calls"] == 6 and cost["calls_per_structure"] == [1] * 6
+    assert len(cost["cpu_seconds_per_structure"]) == 6 and cost["teacher_cpu_seconds"] > 0
+    assert sorted(p.suffix for p in parallel.parent.iterdir() if p.suffix != ".lock") == [".extxyz", ".json"]
