@@ -5,8 +5,14 @@ it finished. Rerunning with the same structures and output computes only the res
 the file must be the requested structures' prefix (same elements, cell, pbc and positions), and a frame
 torn by a kill mid-write is cut off first. Labels are stored the way ASE reads them back as a
 ``SinglePointCalculator``: ``ase.io.read(path, ":")[i].get_potential_energy()`` / ``.get_forces()``.
-Optional Hessian rows (for distillation) are computed with a structure's other labels and stored with it
-(:mod:`.hessian`), so they are cached and resumed alike.
+Optional Hessian rows (for distillation) and the teacher's site energies are computed with a
+structure's other labels and stored with it (:mod:`.hessian`), so they are cached and resumed alike.
+
+What each structure cost the teacher (calls, CPU seconds) goes to a ledger beside the file
+(:func:`cost_path`, :func:`labelling_cost`); timings stay out of the labelled file, which is therefore the
+same, byte for byte, however it was produced with a deterministic teacher: in one process, in worker
+processes (finished chunks wait as part files and are appended in order), or as contiguous shards
+labelled by separate jobs and merged (:func:`merge_shards`).
 """
 
 from __future__ import annotations
