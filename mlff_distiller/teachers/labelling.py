@@ -655,13 +655,18 @@ def merge_shards(
             "or choose another output path before merging shards into it."
         )
     bounds = shard_bounds(total, num_shards)
-    done = _shard_progress(structures, output, num_shards, options)
+    try:
+        done = _shard_progress(structures, output, num_shards, options)
+    except FileNotFoundError:  # a shard vanished while being read: another job is merging
+        done = [0] * num_shards
     unfinished = [
         f"shard {i} ({shard_path(output, i, num_shards).name}): {d} of {b - a} labelled"
         for i, ((a, b), d) in enumerate(zip(bounds, done))
         if d < b - a
     ]
     if unfinished:
+        if _merged_meanwhile(output, total):
+            return True
         if not require_complete:
             return False
         raise IncompleteShardsError(
@@ -678,7 +683,7 @@ def merge_shards(
     except FileNotFoundError:  # another job merged and removed the shards meanwhile
         temporary.unlink(missing_ok=True)
         ledger_temporary.unlink(missing_ok=True)
-        if output.exists() and complete_frames(output)[0] == total:
+        if _merged_meanwhile(output, total):
             return True
         raise
     os.replace(ledger_temporary, cost_path(output))
@@ -689,6 +694,11 @@ def merge_shards(
         cost_path(path).unlink(missing_ok=True)
     log.info("Merged %d shards into %s (%d structures).", num_shards, output, total)
     return True
+
+
+def _merged_meanwhile(output: Path, total: int) -> bool:
+    """Whether another job (shard jobs finishing together) has written the complete merged file."""
+    return output.exists() and complete_frames(output)[0] == total
 
 
 # ---------------------------------------------------------------------- the entry point
