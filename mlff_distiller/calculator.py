@@ -25,7 +25,7 @@ class StudentCalculator(Calculator):
     raises :class:`~mlff_distiller.models.base.UnknownElementError`.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(
         self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any
@@ -83,6 +83,8 @@ class StudentCalculator(Calculator):
             "free_energy": energy,
             "forces": output[keys.FORCES].detach().cpu().double().numpy(),
         }
+        if keys.SITE_ENERGIES in output:  # per-atom energies: a student can label site energies too
+            self.results["energies"] = output[keys.SITE_ENERGIES].detach().cpu().double().numpy()
         if keys.STRESS in output:
             s = output[keys.STRESS][0].detach().cpu().double().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

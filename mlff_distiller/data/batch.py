@@ -66,8 +66,8 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
 
     Each item holds ``positions`` (n, 3), ``atomic_numbers`` (n,), ``cell`` (3, 3), ``pbc`` (3,),
     ``edge_index`` (2, e) with 0-based atom indices, ``cell_shifts`` (e, 3), and optionally
-    ``energy`` () and ``forces`` (n, 3), Hessian rows (``hessian_row_coord``, ``hessian_rows``) and a
-    ``metric_group`` () index (-1 for items without one).
+    ``energy`` () and ``forces`` (n, 3), ``stress`` (3, 3), ``site_energies`` (n,), Hessian rows
+    (``hessian_row_coord``, ``hessian_rows``) and a ``metric_group`` () index (-1 for items without one).
     """
     counts = torch.tensor([len(item[keys.ATOMIC_NUMBERS]) for item in items], dtype=torch.long)
     offsets = torch.cumsum(counts, 0) - counts
@@ -85,7 +85,7 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
         present = [key in item for item in items]
         if all(present):
             values = [item[key] for item in items]
-            out[key] = torch.cat(values) if key == keys.FORCES else torch.stack(values)
+            out[key] = torch.cat(values) if key in keys.PER_ATOM_LABEL_KEYS else torch.stack(values)
         elif any(present):
             raise KeyError(f"Some structures in the batch have {key!r} and others do not.")
     if any(keys.METRIC_GROUP in item for item in items):

@@ -57,6 +57,14 @@ def read_labelled_structures(
     for number, atoms in enumerate(structures):
         attach_labels(atoms, f"structure {number} of {str(path)!r}", energy_key, forces_key, stress_key)
     keep_stress_if_all_have_it(structures)
+    with_site_energies = sum("_site_energies" in atoms.arrays for atoms in structures)
+    if 0 < with_site_energies < len(structures):
+        missing = next(i for i, atoms in enumerate(structures) if "_site_energies" not in atoms.arrays)
+        raise DataError(
+            f"{with_site_energies} of the {len(structures)} structures of {str(path)!r} carry site energies "
+            f"(arrays[{keys.SITE_ENERGIES_ARRAY!r}]) but structure {missing} does not; label all of them with "
+            "site energies or none."
+        )
     return structures
 
 
@@ -70,8 +78,9 @@ def attach_labels(
     """Check ``atoms`` and store its labels where :func:`atoms_to_graph` reads them; returns ``atoms``.
 
     Sets ``atoms.info["_energy"]`` (eV), ``atoms.arrays["_forces"]`` (eV/Å), ``atoms.info["_stress"]``
-    (3x3, eV/Å³, periodic structures with a stress) and ``atoms.info["_hessian_row_coord"]`` /
-    ``["_hessian_rows"]`` (see :func:`hessian_rows_of`). A missing, mis-shaped or non-finite label, or
+    (3x3, eV/Å³, periodic structures with a stress), ``atoms.info["_hessian_row_coord"]`` /
+    ``["_hessian_rows"]`` (see :func:`hessian_rows_of`) and ``atoms.arrays["_site_energies"]`` (the teacher's
+    site energies, see :func:`site_energies_of`). A missing, mis-shaped or non-finite label, or
     non-finite positions, raise :class:`DataError` naming ``where`` and the key.
     """
     check_geometry(atoms, where)
@@ -91,6 +100,9 @@ def attach_labels(
     rows = hessian_rows_of(atoms, where)
     if rows is not None:
         atoms.info["_hessian_row_coord"], atoms.info["_hessian_rows"] = rows
+    site_energies = site_energies_of(atoms, float(energy), where)
+    if site_energies is not None:
+        atoms.arrays["_site_energies"] = site_energies
     return atoms
 
 
@@ -99,6 +111,34 @@ def keep_stress_if_all_have_it(structures: Sequence[Any]) -> None:
     if not all("_stress" in atoms.info for atoms in structures):
         for atoms in structures:
             atoms.info.pop("_stress", None)
+
+
+def site_energies_of(atoms: Any, energy: float, where: str = "structure") -> np.ndarray | None:
+    """The teacher's site energies a labelled structure carries ((n,), eV), or None.
+
+    They are stored as ``atoms.arrays["site_energies"]`` (see :mod:`~mlff_distiller.data.keys`); a wrong
+    shape, non-finite values or a sum that differs from ``energy`` by more than
+    ``keys.SITE_ENERGY_SUM_TOLERANCE`` per atom raise :class:`DataError` naming ``where``.
+    """
+    if keys.SITE_ENERGIES_ARRAY not in atoms.arrays:
+        return None
+    values = np.asarray(atoms.arrays[keys.SITE_ENERGIES_ARRAY], dtype=np.float64)
+    if values.shape != (len(atoms),):
+        raise DataError(
+            f"{where}: arrays[{keys.SITE_ENERGIES_ARRAY!r}] has shape {values.shape}, expected ({len(atoms)},) "
+            "(one energy per atom, eV)."
+        )
+    if not np.isfinite(values).all():
+        raise DataError(f"{where}: site energies are not finite (NaN or inf).")
+    mismatch = abs(float(values.sum()) - energy)
+    if mismatch > keys.SITE_ENERGY_SUM_TOLERANCE * max(len(atoms), 1):
+        raise DataError(
+            f"{where}: the site energies sum to {values.sum():.6f} eV but the energy is {energy:.6f} eV "
+            f"({1e3 * mismatch / max(len(atoms), 1):.3g} meV/atom apart; at most "
+            f"{1e3 * keys.SITE_ENERGY_SUM_TOLERANCE:g} meV/atom is accepted). A student's site energies always sum "
+            "to its energy, so these labels cannot both be matched."
+        )
+    return values
 
 
 def check_geometry(atoms: Any, where: str = "the structure") -> None:
@@ -221,6 +261,8 @@ def atoms_to_graph(
         if "_hessian_rows" in atoms.info:
             graph[keys.HESSIAN_ROW_COORD] = torch.tensor(atoms.info["_hessian_row_coord"], dtype=torch.long)
             graph[keys.HESSIAN_ROWS] = torch.tensor(atoms.info["_hessian_rows"], dtype=dtype)
+        if "_site_energies" in atoms.arrays:
+            graph[keys.SITE_ENERGIES] = torch.tensor(atoms.arrays["_site_energies"], dtype=dtype)
     return graph
 
 

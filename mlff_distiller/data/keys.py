@@ -27,6 +27,11 @@ FORCES = "forces"
 
 STRESS = "stress"
 """Stress of periodic structures, eV/Å³, (structures, 3, 3); ASE's sign: (1/V) dE/dstrain."""
+SITE_ENERGIES = "site_energies"
+"""Per-atom (site) energies, eV; (atoms,). A structure's site energies sum to its energy. Students output
+theirs (the per-atom terms they sum); labels come from teachers that expose a decomposition (EMT, CHGNet,
+SevenNet). The decomposition is a gauge choice of each model, not an observable: see
+:class:`~mlff_distiller.losses.energy_force.EnergyForceLoss` for what matching it means."""
 
 METRIC_GROUP = "metric_group"
 """Group each structure is reported under (e.g. its ``config_type``): an index into the data's
@@ -34,7 +39,9 @@ METRIC_GROUP = "metric_group"
 data names a group key; losses report per-group metrics from it."""
 
 ATOMS_KEYS = (POSITIONS, ATOMIC_NUMBERS, CELL, PBC, BATCH, NUM_ATOMS, EDGE_INDEX, CELL_SHIFTS)
-LABEL_KEYS = (ENERGY, FORCES, STRESS)
+LABEL_KEYS = (ENERGY, FORCES, STRESS, SITE_ENERGIES)
+PER_ATOM_LABEL_KEYS = (FORCES, SITE_ENERGIES)
+"""Labels with one entry per atom: batches concatenate them (the others are stacked per structure)."""
 
 # Hessian rows (distillation labels): row c of the energy Hessian, H[c, :] = d^2E / dx_c dx, eV/Å², where
 # c = 3 * atom + direction indexes a structure's flattened coordinates. A structure carries a few rows.
@@ -56,3 +63,17 @@ HESSIAN_ROW_INDEX_INFO = "hessian_row_index"
 """``atoms.info`` entry: the coordinate index c of each stored row; (rows,) int (a scalar when one row)."""
 HESSIAN_ROWS_ARRAY = "hessian_rows"
 """``atoms.arrays`` entry, (n, 3 * rows): ``[a, 3 * k + d]`` = H[c_k, 3 * a + d], eV/Å²."""
+
+# Where labelled extended-XYZ files keep the other teacher outputs and the labelling's provenance:
+SITE_ENERGIES_ARRAY = "site_energies"
+"""``atoms.arrays`` entry: the teacher's per-atom energies, (n,), eV; they sum to the structure's energy."""
+SITE_ENERGY_SUM_TOLERANCE = 1e-5
+"""eV/atom; site energies must sum to the structure's energy to this (file rounding is ~1e-8 eV per atom)."""
+TEACHER_CALLS_INFO = "teacher_calls"
+"""``atoms.info`` entry: teacher evaluations spent on the structure (int): its single point, 2 per
+finite-difference Hessian row, 1 for an autograd pass (whose backward passes show only in the teacher's
+CPU seconds, kept beside the file; see :func:`mlff_distiller.teachers.labelling.labelling_cost`)."""
+HESSIAN_METHOD_INFO = "hessian_method"
+"""``atoms.info`` entry of structures with Hessian rows: how they were computed, ``"fd"`` (central
+differences of the teacher's forces), ``"autograd"`` (double backward through a torch teacher) or
+``"calculator"`` (the teacher's own ``hessian_rows`` method)."""

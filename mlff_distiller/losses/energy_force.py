@@ -27,6 +27,19 @@ class EnergyForceLoss:
     compares the virial per atom, stress x volume / atoms (eV/atom), so its scale matches the
     per-atom energy; batches without stress labels skip it.
 
+    The site-energy term (``site_energy_weight > 0``) compares the student's per-atom energies (the terms
+    its energy is the sum of) with the teacher's, atom by atom (eV); the data must carry them
+    (``data.source.site_energies=true``). A decomposition of the energy into atoms is not unique: it is
+    each model's gauge. What the term matches is the teacher's particular one, and that is meaningful
+    because (1) the per-element offsets are pinned: both sides sum to the (matched) total energies, so a
+    constant shift per element is ruled out wherever the per-element least-squares reference energies are
+    unique (compositions that vary across the set; the student's reference energies are only its starting
+    point, and its network learns the rest of the offset); (2) what remains, how energy is shared between
+    neighbours, is a smooth local function for both models (sums of per-atom terms of a finite
+    environment), so the teacher's split is learnable and gives n labels per structure instead of one.
+    It does not make the student's energies more correct than the teacher's; it makes its atoms like the
+    teacher's atoms. ``site_energy_mae`` (meV/atom) is reported whenever the labels are present.
+
     With ``per_atom_energy`` the energy term compares energies divided by the number of atoms, so
     structures of different sizes weigh alike. Reported terms (besides ``loss``): the exact metrics of
     :func:`error_metrics`; in eval mode (validation, test) also per element and per metric group.
@@ -45,6 +58,7 @@ class EnergyForceLoss:
         huber_delta: float = 0.01,
         stress_weight: float = 0.0,
         metric_groups: Sequence[str] | None = None,
+        site_energy_weight: float = 0.0,
     ) -> None:
         if energy_weight < 0 or force_weight < 0 or energy_weight + force_weight == 0:
             raise ValueError(
@@ -52,6 +66,8 @@ class EnergyForceLoss:
             )
         if stress_weight < 0:
             raise ValueError(f"stress_weight={stress_weight} must be >= 0.")
+        if site_energy_weight < 0:
+            raise ValueError(f"site_energy_weight={site_energy_weight} must be >= 0.")
         if kind not in KINDS:
             raise ValueError(f"loss kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
         if huber_delta <= 0:
@@ -63,6 +79,7 @@ class EnergyForceLoss:
         self.huber_delta = huber_delta
         self.stress_weight = stress_weight
         self.metric_groups = list(metric_groups) if metric_groups is not None else None
+        self.site_energy_weight = site_energy_weight
 
     def _term(self, error: torch.Tensor) -> torch.Tensor:
         if self.kind == "huber":
@@ -91,8 +108,27 @@ class EnergyForceLoss:
             stress_error = predicted[keys.STRESS] - batch[keys.STRESS]
             volume_per_atom = torch.linalg.det(batch[keys.CELL]).abs() / atoms
             loss = loss + self.stress_weight * self._term(stress_error * volume_per_atom[:, None, None])
+        if self.site_energy_weight > 0:
+            loss = loss + self.site_energy_weight * self._term(self._site_energy_error(predicted, batch))
         metrics = error_metrics(predicted, batch, self.metric_groups if detailed else None, per_element=detailed)
         return {"loss": loss, **metrics}
+
+    def _site_energy_error(
+        self, predicted: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Student minus teacher site energies, eV; (atoms,). A requested term without labels is an error."""
+        if keys.SITE_ENERGIES not in batch:
+            raise ValueError(
+                f"loss.site_energy_weight={self.site_energy_weight} but the data has no site energies. Label "
+                "them with the teacher (data.source.site_energies=true; teachers with site energies: emt, "
+                "chgnet, sevenn), or set loss.site_energy_weight=0."
+            )
+        if keys.SITE_ENERGIES not in predicted:
+            raise ValueError(
+                f"loss.site_energy_weight={self.site_energy_weight} needs a model that outputs "
+                f"{keys.SITE_ENERGIES!r} (the atomistic students do)."
+            )
+        return predicted[keys.SITE_ENERGIES] - batch[keys.SITE_ENERGIES].to(predicted[keys.SITE_ENERGIES].dtype)
 
 
 def error_metrics(
@@ -106,6 +142,8 @@ def error_metrics(
     - ``energy_mae_per_atom``, ``energy_rmse_per_atom`` (meV/atom): over structures, of (E - E_ref) / atoms;
     - ``force_mae``, ``force_rmse`` (meV/Å): over force components;
     - ``stress_mae`` (meV/Å³): over stress components, when the batch has stress labels and ``predicted`` stress;
+    - ``site_energy_mae`` (meV/atom): over atoms, when the batch has the teacher's site energies and
+      ``predicted`` the student's;
     - with ``per_element``: ``force_mae/<symbol>`` (e.g. ``force_mae/Cu``) over the components of that
       element's atoms (this needs one host sync, to learn which elements the batch holds);
     - with ``metric_groups`` and a ``metric_group`` entry in the batch: ``energy_mae_per_atom/<group>`` and
@@ -124,6 +162,9 @@ def error_metrics(
     if keys.STRESS in batch and keys.STRESS in predicted:
         stress_error = (predicted[keys.STRESS] - batch[keys.STRESS]).detach().double()
         out["stress_mae"] = Mean(1e3 * stress_error.abs().sum(), _count(stress_error, stress_error.numel()))
+    if keys.SITE_ENERGIES in batch and keys.SITE_ENERGIES in predicted:
+        site_error = (predicted[keys.SITE_ENERGIES] - batch[keys.SITE_ENERGIES]).detach().double()
+        out["site_energy_mae"] = Mean(1e3 * site_error.abs().sum(), _count(site_error, site_error.numel()))
     if per_element and keys.ATOMIC_NUMBERS in batch:
         out.update(_per_element(abs_force, batch[keys.ATOMIC_NUMBERS].reshape(-1)))
     if metric_groups is not None and keys.METRIC_GROUP in batch and keys.BATCH in batch:

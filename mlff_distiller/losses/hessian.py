@@ -106,8 +106,18 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
         hessian_rows: int = 1,
         hessian_start_step: int = 0,
         seed: int = 0,
+        site_energy_weight: float = 0.0,
     ) -> None:
-        super().__init__(energy_weight, force_weight, per_atom_energy, kind, huber_delta, stress_weight, metric_groups)
+        super().__init__(
+            energy_weight,
+            force_weight,
+            per_atom_energy,
+            kind,
+            huber_delta,
+            stress_weight,
+            metric_groups=metric_groups,
+            site_energy_weight=site_energy_weight,
+        )
         if hessian_weight < 0:
             raise ValueError(f"hessian_weight={hessian_weight} must be >= 0.")
         if hessian_rows < 1:

@@ -26,7 +26,9 @@ class UnknownElementError(ValueError):
 
 
 class AtomisticModel(nn.Module):
-    """Base class of the students. ``forward(batch) -> {"energy": (S,), "forces": (N, 3)}``.
+    """Base class of the students. ``forward(batch) -> {"energy": (S,), "forces": (N, 3), "site_energies": (N,)}``.
+
+    ``site_energies`` are the per-atom terms the energy is the sum of (eV), reference energies included.
 
     With ``compute_stress`` the output also holds ``"stress"`` (S, 3, 3), eV/Å³, for periodic cells.
     ``statistics`` (optional) sets the buffers ``atomic_energies`` (eV per element), ``scale``
@@ -124,7 +126,8 @@ class AtomisticModel(nn.Module):
         energy = energy.index_add(0, batch[keys.BATCH], per_atom)
         # create_graph while training so that a force loss reaches the weights.
         gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training or higher_derivatives)
-        out = {keys.ENERGY: energy, keys.FORCES: -gradients[0]}
+        # The per-atom terms are already there: exposing them costs nothing and changes no other output.
+        out = {keys.ENERGY: energy, keys.FORCES: -gradients[0], keys.SITE_ENERGIES: per_atom}
         if self.compute_stress:
             volume = torch.linalg.det(cell).abs()
             volume = torch.where(volume > 0, volume, torch.ones_like(volume))  # non-periodic: stress is dE/dstrain

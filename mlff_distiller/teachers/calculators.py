@@ -3,7 +3,8 @@
 ``make_calculator("emt")`` is the offline default. The foundation-model teachers are optional packages;
 asking for one that is not installed raises :class:`TeacherUnavailableError` with the install command.
 Hydra builds a teacher with ``_target_: mlff_distiller.teachers.calculators.make_calculator`` and
-``name: emt`` (further keys are passed to the calculator's constructor).
+``name: emt`` (further keys are passed to the calculator's constructor). :class:`CalculatorSpec` (a name and
+constructor arguments) is a teacher that worker processes can each build for themselves.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 import importlib.util
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,31 @@ class TeacherSpec:
     description: str
     offline: bool
     """Whether it works without network access (weights ship with the package)."""
+    site_energies: bool = False
+    """Whether its ASE calculator gives per-atom energies (the ASE property ``energies``)."""
+    autograd_hessian: bool = False
+    """Whether :mod:`.autograd` computes its Hessian rows by double backward."""
 
 
 TEACHERS: dict[str, TeacherSpec] = {
     spec.name: spec
     for spec in (
-        TeacherSpec("emt", "ase", "pip install ase", "ASE effective-medium theory (Cu, Au, Ag, Ni, Pd, Pt, Al)", True),
         TeacherSpec(
-            "chgnet", "chgnet", "pip install chgnet", "CHGNet universal potential (weights in the wheel)", True
+            "emt",
+            "ase",
+            "pip install ase",
+            "ASE effective-medium theory (Cu, Au, Ag, Ni, Pd, Pt, Al)",
+            True,
+            site_energies=True,
+        ),
+        TeacherSpec(
+            "chgnet",
+            "chgnet",
+            "pip install chgnet",
+            "CHGNet universal potential (weights in the wheel)",
+            True,
+            site_energies=True,
+            autograd_hessian=True,
         ),
         TeacherSpec(
             "sevenn",
@@ -47,6 +65,8 @@ TEACHERS: dict[str, TeacherSpec] = {
             "pip install sevenn",
             "SevenNet universal potential, '7net-0' (weights in the wheel)",
             True,
+            site_energies=True,
+            autograd_hessian=True,
         ),
         TeacherSpec(
             "mace_mp",
@@ -142,4 +162,81 @@ def require_teacher(name: str) -> None:
         raise TeacherUnavailableError(
             f"Teacher {spec.name!r} needs the package {spec.package!r}, which is not installed. Install it with: "
             f'{spec.install}   (or: pip install "mlff-distiller[{spec.name}]" where that extra exists).'
+        )
+
+
+@dataclass(frozen=True)
+class CalculatorSpec:
+    """A teacher by name and constructor arguments, so that each worker process builds its own calculator
+    (calculators holding torch models or C handles need not pickle; this does).
+
+    ``name`` is a teacher name :func:`make_calculator` knows, or ``"package.module:factory"`` for any
+    importable callable that returns an ASE calculator; ``kwargs`` go to it.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Any:
+        """A new calculator."""
+        if ":" in self.name:
+            module, _, attribute = self.name.partition(":")
+            try:
+                factory = getattr(importlib.import_module(module), attribute)
+            except (ImportError, AttributeError) as error:
+                raise ValueError(
+                    f"CalculatorSpec name {self.name!r}: cannot import {attribute!r} from {module!r} ({error})."
+                ) from error
+            return factory(**self.kwargs)
+        return make_calculator(self.name, **self.kwargs)
+
+    @property
+    def teacher(self) -> TeacherSpec | None:
+        """The built-in teacher it names, or None for a ``module:factory`` spec."""
+        return None if ":" in self.name else TEACHERS[_canonical(self.name)]
+
+
+class SiteEnergiesUnavailableError(ValueError):
+    """Site energies were asked of a teacher that does not provide them."""
+
+
+def calculator_class(calculator: Any) -> str:
+    """``module.Class`` of a calculator (used to recognise teachers without importing their packages)."""
+    return f"{type(calculator).__module__}.{type(calculator).__qualname__}"
+
+
+def derives_from(calculator: Any, qualified_name: str) -> bool:
+    """Whether ``calculator``'s class is, or derives from, ``qualified_name`` (``module.Class``)."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" == qualified_name for cls in type(calculator).__mro__)
+
+
+def enable_site_energies(calculator: Any) -> None:
+    """Make ``calculator`` compute per-atom energies (ASE's ``energies``), or raise
+    :class:`SiteEnergiesUnavailableError` naming it and the option that asked.
+
+    CHGNet computes them only with ``return_site_energies`` (switched on here); EMT and SevenNet always do.
+    """
+    if derives_from(calculator, "chgnet.model.dynamics.CHGNetCalculator"):
+        calculator.return_site_energies = True
+        return
+    if "energies" not in getattr(calculator, "implemented_properties", ()):
+        with_them = ", ".join(name for name, spec in TEACHERS.items() if spec.site_energies)
+        raise SiteEnergiesUnavailableError(
+            f"The teacher {calculator_class(calculator)} does not provide per-atom (site) energies (the ASE "
+            f"property 'energies' is not among its implemented_properties "
+            f"{list(getattr(calculator, 'implemented_properties', ()))}), but site energies were asked for "
+            "(data.source.site_energies=true, or label_structures(site_energies=True)). Teachers with site "
+            f"energies: {with_them}. Set site_energies to false for this teacher."
+        )
+
+
+def check_site_energies(spec: CalculatorSpec) -> None:
+    """:func:`enable_site_energies`' verdict for a built-in teacher without building it (nothing for others)."""
+    teacher = spec.teacher
+    if teacher is not None and not teacher.site_energies:
+        with_them = ", ".join(name for name, other in TEACHERS.items() if other.site_energies)
+        raise SiteEnergiesUnavailableError(
+            f"The teacher {teacher.name!r} does not provide per-atom (site) energies, but site energies were "
+            "asked for (data.source.site_energies=true, or label_structures(site_energies=True)). Teachers "
+            f"with site energies: {with_them}. Set site_energies to false for this teacher."
         )

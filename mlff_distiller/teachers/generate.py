@@ -324,6 +324,8 @@ def build_default_dataset(
     teacher_kwargs: dict[str, Any] | None = None,
     chunk_size: int = 50,
     progress: bool = True,
+    site_energies: bool = False,
+    label_workers: int = 1,
     **generator_kwargs: Any,
 ) -> Path:
     """Generate the Cu-Au alloy set, label it with ``teacher`` once, and return the cached extended-XYZ file.
@@ -333,13 +335,20 @@ def build_default_dataset(
     version); a JSON sidecar with the same stem holds that configuration. A complete file is returned
     without calling the teacher. Labelling goes to ``<stem>.partial.extxyz`` and resumes from it after an
     interruption; only a complete set is renamed (atomically) to the final name, and a file lock keeps
-    concurrent builders of the same set from interleaving.
+    concurrent builders of the same set from interleaving. ``site_energies`` also labels the teacher's
+    per-atom energies (part of the cache key); ``label_workers`` labels in that many processes (the same
+    file; not part of the key). The sidecar records the teacher's cost (``teacher_cost``: calls and CPU
+    seconds, in total and per structure; see :func:`~.labelling.labelling_cost`).
     """
-    from .calculators import make_calculator
-    from .labelling import label_structures
+    from .calculators import CalculatorSpec, check_site_energies, make_calculator
+    from .labelling import cost_path, label_structures, labelling_cost
 
     teacher_kwargs = dict(teacher_kwargs or {})
+    if site_energies:
+        check_site_energies(CalculatorSpec(teacher, teacher_kwargs))  # before generating anything
     config = _dataset_config(num_structures, seed, teacher, teacher_kwargs, generator_kwargs)
+    if site_energies:
+        config["labels"] = [*LABELS, "site_energies"]
     elements = "".join(e.lower() for e in config["generator"]["elements"])
     path, sidecar = _cache_files(cache_dir, f"{elements}_{_tag(teacher)}", config)
     directory, stem = path.parent, path.stem
@@ -351,8 +360,18 @@ def build_default_dataset(
         structures = generate_alloy_structures(num_structures, seed, **config["generator"])
         generated = time.perf_counter()
         partial = directory / f"{stem}.partial.extxyz"
-        calculator = make_calculator(teacher, **teacher_kwargs)
-        label_structures(structures, calculator, partial, chunk_size=chunk_size, progress=progress)
+        calculator = (
+            CalculatorSpec(teacher, teacher_kwargs) if label_workers > 1 else make_calculator(teacher, **teacher_kwargs)
+        )
+        label_structures(
+            structures,
+            calculator,
+            partial,
+            chunk_size=chunk_size,
+            progress=progress,
+            site_energies=site_energies,
+            workers=label_workers,
+        )
         labelled = time.perf_counter()
         _commit_dataset(
             partial,
@@ -361,7 +380,10 @@ def build_default_dataset(
             config=config,
             seconds_generate=round(generated - started, 2),
             seconds_label=round(labelled - generated, 2),
+            teacher_cost=labelling_cost(partial, per_structure=True),
+            label_workers=label_workers,
         )
+        cost_path(partial).unlink(missing_ok=True)  # now in the sidecar
         timing = f"generated in {generated - started:.1f} s, labelled in {labelled - generated:.1f} s"
         _announce(f"Dataset ready: {path} ({timing})", progress)
     return path

@@ -5,7 +5,11 @@ c = 3 * atom + direction. Any ASE calculator gives rows by central finite differ
 H[c, :] = -(F(x + h e_c) - F(x - h e_c)) / 2h (2 calls per row, error O(h²)); H is symmetric, so this
 column is also the row. A teacher that can do better (e.g. autograd through a torch model) defines
 ``hessian_rows(atoms, coords) -> ndarray (rows, 3n)`` and is used instead; :func:`autograd_hessian_rows`
-computes rows of any torch energy function that way.
+computes rows of any torch energy function that way, and :mod:`.autograd` does it for CHGNet and SevenNet.
+
+``method`` chooses (:func:`hessian_rows_function`): ``"fd"`` finite differences always; ``"autograd"``
+the teacher's own method or :mod:`.autograd`, an error for a teacher that has neither; ``"auto"``
+autograd where available, else finite differences.
 
 Which rows a structure gets is drawn at random (without repetition) from a generator seeded by
 ``(seed, structure index)``, so a resumed labelling job draws the same rows. Rows are stored in the
@@ -28,6 +32,68 @@ if TYPE_CHECKING:
 
 DEFAULT_DELTA = 0.01
 """Å; the displacement of the central differences (ASE's vibrations module uses the same)."""
+
+HESSIAN_METHODS = ("fd", "autograd", "auto")
+"""Accepted values of ``hessian_method``."""
+
+RowsFunction = Callable[["Atoms", Sequence[int]], np.ndarray]
+
+
+class HessianMethodError(ValueError):
+    """An unknown ``hessian_method``, or ``autograd`` for a teacher without autograd rows."""
+
+
+def check_hessian_method(method: str) -> None:
+    if method not in HESSIAN_METHODS:
+        raise HessianMethodError(
+            f"hessian_method={method!r} is invalid; accepted: {', '.join(HESSIAN_METHODS)} (fd: central finite "
+            "differences of the teacher's forces, 2 calls per row; autograd: double backward through a torch "
+            "teacher; auto: autograd where the teacher allows it, else fd)."
+        )
+
+
+def _autograd_teachers() -> str:
+    from .calculators import TEACHERS
+
+    return ", ".join(name for name, spec in TEACHERS.items() if spec.autograd_hessian)
+
+
+def hessian_rows_function(
+    calculator: Any, method: str = "auto", delta: float = DEFAULT_DELTA
+) -> tuple[str, RowsFunction]:
+    """How ``calculator``'s Hessian rows are computed under ``method`` (one of :data:`HESSIAN_METHODS`),
+    as ``(kind, rows(atoms, coords))`` with kind ``"calculator"`` (its own ``hessian_rows``), ``"autograd"``
+    (:mod:`.autograd`) or ``"fd"``. Raises :class:`HessianMethodError` for an unknown method, or for
+    ``"autograd"`` when the teacher has no autograd rows."""
+    from .autograd import autograd_rows_function
+    from .calculators import calculator_class
+
+    check_hessian_method(method)
+    if method != "fd":
+        own = getattr(calculator, "hessian_rows", None)
+        if callable(own):
+            return "calculator", lambda atoms, coords: own(atoms, np.asarray(coords, dtype=np.int64))
+        adapter = autograd_rows_function(calculator)
+        if adapter is not None:
+            return "autograd", adapter
+        if method == "autograd":
+            raise HessianMethodError(
+                f"hessian_method='autograd', but the teacher {calculator_class(calculator)} has no autograd "
+                f"Hessian rows (teachers with them: {_autograd_teachers()}, or any calculator with a "
+                "hessian_rows(atoms, coords) method). Use hessian_method=fd or auto for this teacher."
+            )
+    return "fd", lambda atoms, coords: finite_difference_hessian_rows(atoms, calculator, coords, delta)
+
+
+def check_hessian_method_for(teacher: Any, method: str) -> None:
+    """:func:`hessian_rows_function`'s verdict for a built-in teacher (a :class:`~.calculators.TeacherSpec`,
+    or None for a teacher known only once built) without building it."""
+    check_hessian_method(method)
+    if method == "autograd" and teacher is not None and not teacher.autograd_hessian:
+        raise HessianMethodError(
+            f"hessian_method='autograd', but the teacher {teacher.name!r} has no autograd Hessian rows "
+            f"(teachers with them: {_autograd_teachers()}). Use hessian_method=fd or auto for this teacher."
+        )
 
 
 def choose_row_coords(num_atoms: int, rows: int, seed: int, index: int) -> np.ndarray:
@@ -85,20 +151,21 @@ def autograd_hessian_rows(
 
 
 def teacher_hessian_rows(
-    atoms: Atoms, calculator: Any, coords: Sequence[int], delta: float = DEFAULT_DELTA
+    atoms: Atoms, calculator: Any, coords: Sequence[int], delta: float = DEFAULT_DELTA, method: str = "auto"
 ) -> np.ndarray:
-    """Rows ``coords`` from ``calculator.hessian_rows(atoms, coords)`` when it has that method, else by
-    :func:`finite_difference_hessian_rows`."""
-    own = getattr(calculator, "hessian_rows", None)
-    if callable(own):
-        rows = np.asarray(own(atoms, np.asarray(coords, dtype=np.int64)), dtype=np.float64)
-        if rows.shape != (len(coords), 3 * len(atoms)):
-            raise ValueError(
-                f"{type(calculator).__name__}.hessian_rows returned shape {rows.shape}, expected "
-                f"({len(coords)}, {3 * len(atoms)})."
-            )
-        return rows
-    return finite_difference_hessian_rows(atoms, calculator, coords, delta)
+    """Rows ``coords`` of ``calculator``'s Hessian at ``atoms`` by ``method`` (see :func:`hessian_rows_function`;
+    ``"auto"``: the calculator's own ``hessian_rows``, else autograd where known, else finite differences)."""
+    return _checked(hessian_rows_function(calculator, method, delta)[1](atoms, coords), atoms, coords, calculator)
+
+
+def _checked(rows: Any, atoms: Atoms, coords: Sequence[int], calculator: Any) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.shape != (len(coords), 3 * len(atoms)):
+        raise ValueError(
+            f"{type(calculator).__name__}'s Hessian rows have shape {rows.shape}, expected "
+            f"({len(coords)}, {3 * len(atoms)})."
+        )
+    return rows
 
 
 def store_hessian_rows(atoms: Atoms, coords: np.ndarray, rows: np.ndarray) -> None:
@@ -120,8 +187,19 @@ def stored_hessian_rows(atoms: Atoms) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def label_hessian_rows(
-    atoms: Atoms, calculator: Any, rows: int, seed: int, index: int, delta: float = DEFAULT_DELTA
-) -> None:
-    """Compute ``rows`` seeded-random Hessian rows of structure ``index`` and store them in ``atoms``."""
+    atoms: Atoms,
+    calculator: Any,
+    rows: int,
+    seed: int,
+    index: int,
+    delta: float = DEFAULT_DELTA,
+    method: str | tuple[str, RowsFunction] = "auto",
+) -> str:
+    """Compute ``rows`` seeded-random Hessian rows of structure ``index`` and store them in ``atoms``, with
+    how they were computed in ``atoms.info["hessian_method"]``; returns that kind. ``method`` is a
+    ``hessian_method`` or what :func:`hessian_rows_function` returned (resolved once per labelling job)."""
+    kind, function = hessian_rows_function(calculator, method, delta) if isinstance(method, str) else method
     coords = choose_row_coords(len(atoms), rows, seed, index)
-    store_hessian_rows(atoms, coords, teacher_hessian_rows(atoms, calculator, coords, delta))
+    store_hessian_rows(atoms, coords, _checked(function(atoms, coords), atoms, coords, calculator))
+    atoms.info[keys.HESSIAN_METHOD_INFO] = kind
+    return kind

@@ -341,6 +341,12 @@ def sample_structures(
 
 
 # ---------------------------------------------------------------------- cached, labelled set
+def _autograd_rows(spec: Any, method: str, rows: int) -> bool:
+    """Whether the rows will be computed by autograd (``auto`` and the method it picks share a cached set)."""
+    teacher = spec.teacher
+    return rows > 0 and method != "fd" and teacher is not None and teacher.autograd_hessian
+
+
 def make_driver(name: str, **kwargs: Any) -> Any:
     """The calculator that drives sampling MD: a teacher name (:func:`make_calculator`) or
     ``"student:<checkpoint path>"`` (a trained student, :class:`~mlff_distiller.StudentCalculator`)."""
@@ -376,8 +382,11 @@ def build_distillation_dataset(
     dedup_tolerance: float = 0.01,
     hessian_rows: int = 0,
     hessian_delta: float = DEFAULT_DELTA,
+    hessian_method: str = "auto",
+    site_energies: bool = False,
     chunk_size: int = 20,
     progress: bool = True,
+    label_workers: int = 1,
 ) -> Path:
     """Sample a system (:func:`seed_structures` + :func:`sample_structures`), label it with ``teacher`` (with
     ``hessian_rows`` Hessian rows per structure), and return the cached extended-XYZ file.
@@ -389,11 +398,22 @@ def build_distillation_dataset(
     seed file's contents, and a JSON sidecar holds them with timings. Sampled structures are kept in
     ``<stem>.sampled.extxyz`` and labelling resumes from ``<stem>.partial.extxyz``, so an interrupted
     build repeats neither the (teacher-driven) MD nor finished labels; a file lock serialises builders.
+    Hessian rows are computed by ``hessian_method`` (``fd``, ``autograd``, ``auto``: autograd where the
+    teacher allows it; :mod:`.hessian`); ``site_energies`` also labels the teacher's per-atom energies;
+    ``label_workers`` labels in that many processes (the same file; not part of the cache key). The
+    sidecar records the teacher's cost (``teacher_cost``, see :func:`~.labelling.labelling_cost`).
     """
     import ase.io
 
-    from .calculators import make_calculator
-    from .labelling import label_structures
+    from .calculators import CalculatorSpec, check_site_energies, make_calculator
+    from .hessian import check_hessian_method_for
+    from .labelling import cost_path, label_structures, labelling_cost
+
+    spec = CalculatorSpec(teacher, dict(teacher_kwargs or {}))
+    if site_energies:  # checked before any sampling
+        check_site_energies(spec)
+    if hessian_rows > 0:
+        check_hessian_method_for(spec.teacher, hessian_method)
 
     seeds_file = Path(seeds_path) if seeds_path is not None else None
     config = json.loads(
@@ -422,8 +442,14 @@ def build_distillation_dataset(
                     "md_driver_kwargs": dict(md_driver_kwargs or {}),
                     "dedup_tolerance": dedup_tolerance,
                 },
-                "labels": ["energy", "forces", "stress"],
-                "hessian": {"rows": int(hessian_rows), "delta": float(hessian_delta), "seed": int(seed)},
+                "labels": ["energy", "forces", "stress", *(["site_energies"] if site_energies else [])],
+                "hessian": {
+                    "rows": int(hessian_rows),
+                    "delta": float(hessian_delta),
+                    "seed": int(seed),
+                    # Only autograd is recorded: sets labelled by finite differences keep their cache key.
+                    **({"method": "autograd"} if _autograd_rows(spec, hessian_method, hessian_rows) else {}),
+                },
             },
             sort_keys=True,
             default=_jsonable,
@@ -456,13 +482,16 @@ def build_distillation_dataset(
         partial = directory / f"{stem}.partial.extxyz"
         label_structures(
             structures,
-            teacher_calculator,
+            spec if label_workers > 1 else teacher_calculator,
             partial,
             chunk_size=chunk_size,
             progress=progress,
             hessian_rows=hessian_rows,
             hessian_delta=hessian_delta,
             hessian_seed=seed,
+            hessian_method=hessian_method,
+            site_energies=site_energies,
+            workers=label_workers,
         )
         labelled = time.perf_counter()
         _commit_dataset(
@@ -473,7 +502,10 @@ def build_distillation_dataset(
             num_structures=len(structures),
             seconds_sample=round(sampled - started, 2),
             seconds_label=round(labelled - sampled, 2),
+            teacher_cost=labelling_cost(partial, per_structure=True),
+            label_workers=label_workers,
         )
+        cost_path(partial).unlink(missing_ok=True)  # now in the sidecar
         sampled_path.unlink(missing_ok=True)
         _announce(
             f"Distillation set ready: {path} ({len(structures)} structures; sampled in {sampled - started:.1f} s, "
