@@ -14,9 +14,11 @@ Per-call overhead is kept low for MD-sized systems:
   the result equals a fresh-list evaluation to round-off. Atoms wrapped back into the cell by an engine are
   followed through the lattice translation they made.
 * **A lean path.** The model is a private copy in eval mode with frozen parameters (no weight gradients),
-  stress (a strain derivative) is computed only when asked for, elements are checked only when the atomic
-  numbers change, and the only host synchronisations per call are the displacement test and the size of
-  the kept edge set.
+  stress (a strain derivative) is computed only when asked for, elements are checked only when a list is built
+  for new atoms, and the per-call work of list reuse is a few tensor operations on cached data (inverse
+  cells, per-edge lattice translations, batch indices).
+
+Non-finite positions (an exploding run) give NaN energies and forces without calling the model.
 """
 
 from __future__ import annotations
@@ -40,14 +42,6 @@ DEFAULT_SKIN = 1.0
 
 
 @dataclass
-class _SystemList:
-    """One system's pairs within a radius."""
-
-    edge_index: torch.Tensor  # (2, E) int64, 0-based within the system
-    cell_shifts: torch.Tensor  # (E, 3) int64
-
-
-@dataclass
 class NeighborStats:
     """How often lists were built and reused; read by tests and the MD summary."""
 
@@ -57,7 +51,7 @@ class NeighborStats:
     closest: float = math.inf
     """Smallest interatomic distance seen in any call since :meth:`StudentPotential.reset_closest` (Å)."""
     nonfinite_calls: int = 0
-    """Calls whose positions were not all finite (their outputs are NaN)."""
+    """Calls whose positions were not all finite (their outputs are NaN, the model is not called)."""
 
 
 def as_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -106,9 +100,7 @@ class StudentPotential:
             parameter.requires_grad_(False)  # only d/dpositions (and d/dstrain) are needed
         self.cutoff = float(self.model.cutoff)
         self.stats = NeighborStats()
-        self._lists: list[_SystemList] = []
-        self._key: tuple | None = None  # numbers, counts, cell, pbc of the cached lists
-        self._numbers_checked: torch.Tensor | None = None
+        self._cache: _Cache | None = None
         self._closest = torch.tensor(math.inf, dtype=dtype, device=self.device)
 
     @classmethod
@@ -142,20 +134,22 @@ class StudentPotential:
         positions = as_tensor(positions, self.dtype, self.device).reshape(-1, 3)
         numbers = as_tensor(numbers, torch.long, self.device).reshape(-1)
         n = positions.shape[0]
-        counts = [n] if num_atoms is None else [int(c) for c in num_atoms]
+        counts = (n,) if num_atoms is None else tuple(int(c) for c in num_atoms)
         if numbers.shape[0] != n or sum(counts) != n or min(counts, default=1) < 1:
             raise ValueError(
-                f"StudentPotential got {n} positions, {numbers.shape[0]} atomic numbers and num_atoms={counts}; "
+                f"StudentPotential got {n} positions, {numbers.shape[0]} atomic numbers and num_atoms={list(counts)}; "
                 "they must agree (one row per atom, every system at least one atom)."
             )
         cells, periodic = self._cells(cell, pbc, len(counts))
-        self._check_elements(numbers)
         self.stats.calls += 1
-        if reuse_neighbors:
-            edge_index, shifts, positions = self._reused_candidates(positions, numbers, counts, cells, periodic)
+        if reuse_neighbors and self.skin > 0:
+            cache = self._current_cache(positions, numbers, counts, cells, periodic)
+            positions = cache.follow(positions, self)
+            if positions is None:  # non-finite positions (an exploding run): NaN out, for the MD driver to see
+                return self._nan_result(n, len(counts), stress)
         else:
-            edge_index, shifts = self._build(positions, counts, cells, periodic, self.cutoff)
-        batch = self._batch(positions, numbers, counts, cells, periodic, edge_index, shifts)
+            cache = self._new_cache(positions, numbers, counts, cells, periodic, self.cutoff)
+        batch = cache.batch(positions, self)
         self.model.compute_stress = stress
         output = self.model(batch)
         result = {keys.ENERGY: output[keys.ENERGY].detach(), keys.FORCES: output[keys.FORCES].detach()}
@@ -175,6 +169,17 @@ class StudentPotential:
         return result
 
     # ------------------------------------------------------------------ internals
+    def _nan_result(self, atoms: int, systems: int, stress: bool) -> dict[str, torch.Tensor]:
+        self.stats.nonfinite_calls += 1
+        nan = math.nan
+        result = {
+            keys.ENERGY: torch.full((systems,), nan, dtype=self.dtype, device=self.device),
+            keys.FORCES: torch.full((atoms, 3), nan, dtype=self.dtype, device=self.device),
+        }
+        if stress:
+            result[keys.STRESS] = torch.full((systems, 3, 3), nan, dtype=self.dtype, device=self.device)
+        return result
+
     def _cells(self, cell: Any, pbc: Any, systems: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cells (S, 3, 3) in the model dtype and periodicity (S, 3) bool."""
         if cell is None:
@@ -188,172 +193,137 @@ class StudentPotential:
             raise ValueError(f"StudentPotential got cells for {cells.shape[0]} systems and num_atoms for {systems}.")
         return cells.contiguous(), periodic.contiguous()
 
-    def _check_elements(self, numbers: torch.Tensor) -> None:
-        known = self._numbers_checked
-        if known is not None and known.shape == numbers.shape and bool((known == numbers).all()):
-            return
+    def _current_cache(
+        self,
+        positions: torch.Tensor,
+        numbers: torch.Tensor,
+        counts: tuple[int, ...],
+        cells: torch.Tensor,
+        periodic: torch.Tensor,
+    ) -> _Cache:
+        """The cached candidate lists when they were built for these atoms, cell and periodicity, else new ones."""
+        cache = self._cache
+        if cache is not None and cache.counts == counts and cache.same(numbers, cells, periodic):
+            return cache
+        if not bool(positions.isfinite().all()):
+            raise ValueError("StudentPotential got non-finite positions (NaN or inf) for a new structure.")
+        self._cache = self._new_cache(positions, numbers, counts, cells, periodic, self.cutoff + self.skin)
+        return self._cache
+
+    def _new_cache(
+        self,
+        positions: torch.Tensor,
+        numbers: torch.Tensor,
+        counts: tuple[int, ...],
+        cells: torch.Tensor,
+        periodic: torch.Tensor,
+        radius: float,
+    ) -> _Cache:
         if hasattr(self.model, "check_elements"):
             self.model.check_elements(numbers, where="The structure given to the student")
-        self._numbers_checked = numbers.clone()
+        cache = _Cache(positions.clone(), numbers.clone(), counts, cells.clone(), periodic.clone(), radius, self.device)
+        for s in range(len(counts)):
+            cache.lists.append(self._system_list(cache, s))
+        cache.concatenate()
+        return cache
 
-    def _build(
-        self, positions: torch.Tensor, counts: list[int], cells: torch.Tensor, periodic: torch.Tensor, radius: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh lists (within ``radius``) of every system, concatenated with atom offsets."""
-        return _concatenate(self._lists_of(positions, counts, cells, periodic, radius), counts, self.device)
-
-    def _lists_of(
-        self, positions: torch.Tensor, counts: list[int], cells: torch.Tensor, periodic: torch.Tensor, radius: float
-    ) -> list[_SystemList]:
-        return [
-            self._system_list(positions[start : start + count], cells[s], periodic[s], radius)
-            for s, (start, count) in enumerate(_starts(counts))
-        ]
-
-    def _system_list(
-        self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, radius: float
-    ) -> _SystemList:
+    def _system_list(self, cache: _Cache, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """System ``s``'s pairs within the cache's radius at its reference positions (by vesin)."""
         self.stats.builds += 1
+        start, count = cache.starts[s], cache.counts[s]
         edge_index, shifts = neighbor_list(
-            positions.detach().cpu().double().numpy(), cell.cpu().double().numpy(), pbc.cpu().numpy(), radius
+            cache.reference[start : start + count].detach().cpu().double().numpy(),
+            cache.cells[s].cpu().double().numpy(),
+            cache.periodic[s].cpu().numpy(),
+            cache.radius,
         )
-        return _SystemList(torch.from_numpy(edge_index).to(self.device), torch.from_numpy(shifts).to(self.device))
+        return torch.from_numpy(edge_index).to(self.device), torch.from_numpy(shifts).to(self.device)
 
-    def _reused_candidates(
+
+class _Cache:
+    """Candidate pairs of every system and what they were built for; the per-call work of list reuse."""
+
+    def __init__(
         self,
-        positions: torch.Tensor,
+        reference: torch.Tensor,
         numbers: torch.Tensor,
-        counts: list[int],
+        counts: tuple[int, ...],
         cells: torch.Tensor,
         periodic: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Edges within the cutoff from the cached candidate lists (rebuilding the systems that moved too far),
-        and the positions to evaluate them at (atoms an engine wrapped into the cell are translated back)."""
-        key = (tuple(counts), numbers, cells, periodic)
-        finite = bool(positions.isfinite().all())
-        if not finite:
-            # An exploding run: no list can be built from NaN positions. Evaluate on the old list, so that the
-            # outputs are NaN too and the MD driver stops the run (md.stability), instead of failing here.
-            self.stats.nonfinite_calls += 1
-            if self._key is None or self._key[0] != key[0]:
-                raise ValueError("StudentPotential got non-finite positions (NaN or inf) and has no list to reuse.")
-        if finite and not self._same_key(key):
-            self._lists = self._lists_of(positions, counts, cells, periodic, self.cutoff + self.skin)
-            self._key = (key[0], numbers.clone(), cells.clone(), periodic.clone())
-            self._candidates = _concatenate(self._lists, counts, self.device)
-            self._reference = positions.clone()
-            shifted = positions
+        radius: float,
+        device: torch.device,
+    ) -> None:
+        self.reference, self.numbers, self.counts = reference, numbers, counts
+        self.cells, self.periodic, self.radius = cells, periodic, radius
+        self.starts = [sum(counts[:s]) for s in range(len(counts))]
+        self.num_atoms = torch.tensor(counts, device=device)
+        self.system = torch.repeat_interleave(torch.arange(len(counts), device=device), self.num_atoms)
+        self.any_periodic = bool(periodic.any())
+        if self.any_periodic:
+            # Open systems may have no cell at all: invert the identity there (their images stay 0).
+            eye = torch.eye(3, dtype=cells.dtype, device=device)
+            self.inverse = torch.linalg.inv(torch.where(periodic.any(dim=1)[:, None, None], cells, eye))
+            self.periodic_atom = periodic[self.system]
+        self.lists: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def same(self, numbers: torch.Tensor, cells: torch.Tensor, periodic: torch.Tensor) -> bool:
+        return bool(torch.equal(numbers, self.numbers) and torch.equal(cells, self.cells)) and torch.equal(
+            periodic, self.periodic
+        )
+
+    def concatenate(self) -> None:
+        """The systems' lists as one, with atom offsets, and each edge's lattice translation S @ cell."""
+        self.edge_index = torch.cat([e + start for (e, _), start in zip(self.lists, self.starts)], dim=1)
+        self.shifts = torch.cat([shifts for _, shifts in self.lists])
+        cell_of_edge = self.cells[self.system[self.edge_index[0]]]
+        self.translations = torch.einsum("ek,ekl->el", self.shifts.to(self.cells.dtype), cell_of_edge)
+
+    def follow(self, positions: torch.Tensor, potential: StudentPotential) -> torch.Tensor | None:
+        """``positions`` moved by whole lattice vectors back next to the reference positions; the systems in which
+        an atom moved more than skin/2 get new lists (and reference positions). None for non-finite positions."""
+        displacement = positions - self.reference
+        if self.any_periodic:
+            fractional = torch.einsum("ni,nij->nj", displacement, self.inverse[self.system])
+            images = torch.round(fractional) * self.periodic_atom
+            positions = positions - torch.einsum("ni,nij->nj", images, self.cells[self.system])
+            displacement = positions - self.reference
+        moved = displacement.norm(dim=1)
+        if len(self.counts) == 1:
+            stale = [0] if not bool(moved.max() <= 0.5 * potential.skin) else []
         else:
-            shifted = self._follow_images(positions, counts, self._key[2], self._key[3])
-        edge_index, shifts = self._candidates
-        kept = self._within_cutoff(shifted, counts, cells, edge_index, shifts)
-        return edge_index[:, kept], shifts[kept], shifted
-
-    def _same_key(self, key: tuple) -> bool:
-        if self._key is None or self.skin == 0:
-            return False
-        counts, numbers, cells, periodic = key
-        old_counts, old_numbers, old_cells, old_periodic = self._key
-        return (
-            counts == old_counts
-            and bool((numbers == old_numbers).all())
-            and bool(torch.equal(cells, old_cells))
-            and bool(torch.equal(periodic, old_periodic))
-        )
-
-    def _follow_images(
-        self, positions: torch.Tensor, counts: list[int], cells: torch.Tensor, periodic: torch.Tensor
-    ) -> torch.Tensor:
-        """``positions`` moved by whole lattice vectors back next to the reference positions; systems in
-        which an atom moved more than skin/2 get a fresh candidate list (and new reference positions)."""
-        system = torch.repeat_interleave(
-            torch.arange(len(counts), device=self.device), torch.tensor(counts, device=self.device)
-        )
-        displacement = positions - self._reference
-        cell_of_atom = cells[system]
-        images = torch.zeros_like(displacement)
-        if bool(periodic.any()):
-            # Fractional displacement rounded to whole cells along periodic directions only.
-            # Open systems may have no cell at all: solve with the identity there (their images stay 0).
-            eye = torch.eye(3, dtype=cells.dtype, device=cells.device)
-            solvable = torch.where(periodic.any(dim=1)[:, None, None], cells, eye)[system]
-            fractional = torch.linalg.solve(solvable.transpose(1, 2), displacement.unsqueeze(-1)).squeeze(-1)
-            images = torch.where(periodic[system], torch.round(fractional), torch.zeros_like(fractional))
-            displacement = displacement - torch.einsum("ni,nij->nj", images, cell_of_atom)
-        moved = torch.zeros(len(counts), dtype=self.dtype, device=self.device)
-        moved = moved.scatter_reduce(0, system, displacement.norm(dim=1), reduce="amax")
-        stale = torch.nonzero(moved > 0.5 * self.skin).flatten().tolist()
-        shifted = positions - torch.einsum("ni,nij->nj", images, cell_of_atom)
+            per_system = torch.zeros(len(self.counts), dtype=moved.dtype, device=moved.device)
+            per_system = per_system.scatter_reduce(0, self.system, moved, reduce="amax")
+            stale = torch.nonzero(~(per_system <= 0.5 * potential.skin)).flatten().tolist()
+        if stale and not bool(positions.isfinite().all()):
+            return None  # no list can be built from NaN positions
+        for s in stale:
+            start, count = self.starts[s], self.counts[s]
+            self.reference[start : start + count] = positions[start : start + count]
+            self.lists[s] = potential._system_list(self, s)
         if stale:
-            starts = list(_starts(counts))
-            for s in stale:
-                start, count = starts[s]
-                self._lists[s] = self._system_list(
-                    positions[start : start + count], cells[s], self._key[3][s], self.cutoff + self.skin
-                )
-                self._reference[start : start + count] = positions[start : start + count]
-                shifted[start : start + count] = positions[start : start + count]
-            self._candidates = _concatenate(self._lists, counts, self.device)
-        return shifted
+            self.concatenate()
+        return positions
 
-    def _within_cutoff(
-        self,
-        positions: torch.Tensor,
-        counts: list[int],
-        cells: torch.Tensor,
-        edge_index: torch.Tensor,
-        shifts: torch.Tensor,
-    ) -> torch.Tensor:
-        """Indices of the candidate edges shorter than the cutoff; also updates the closest-approach watch."""
-        if edge_index.shape[1] == 0:
-            return torch.zeros(0, dtype=torch.long, device=self.device)
-        system = torch.repeat_interleave(
-            torch.arange(len(counts), device=self.device), torch.tensor(counts, device=self.device)
-        )
-        i, j = edge_index
-        vectors = positions[j] - positions[i] + torch.einsum("ek,ekl->el", shifts.to(self.dtype), cells[system[i]])
-        squared = (vectors * vectors).sum(dim=1)
-        self._closest = torch.minimum(self._closest, squared.min().sqrt())
-        return torch.nonzero(squared < self.cutoff**2).flatten()
-
-    def _batch(
-        self,
-        positions: torch.Tensor,
-        numbers: torch.Tensor,
-        counts: list[int],
-        cells: torch.Tensor,
-        periodic: torch.Tensor,
-        edge_index: torch.Tensor,
-        shifts: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        num_atoms = torch.tensor(counts, device=self.device)
+    def batch(self, positions: torch.Tensor, potential: StudentPotential) -> dict[str, torch.Tensor]:
+        """The model's batch: the candidate edges shorter than the cutoff (the closest-approach watch is updated)."""
+        edge_index, shifts = self.edge_index, self.shifts
+        if edge_index.shape[1] and self.radius > potential.cutoff:
+            i, j = edge_index
+            vectors = positions[j] - positions[i] + self.translations
+            squared = (vectors * vectors).sum(dim=1)
+            torch.minimum(potential._closest, squared.min().sqrt(), out=potential._closest)
+            kept = torch.nonzero(squared < potential.cutoff**2).flatten()
+            edge_index, shifts = edge_index[:, kept], shifts[kept]
         return {
             keys.POSITIONS: positions,
-            keys.ATOMIC_NUMBERS: numbers,
-            keys.CELL: cells,
-            keys.PBC: periodic,
-            keys.BATCH: torch.repeat_interleave(torch.arange(len(counts), device=self.device), num_atoms),
-            keys.NUM_ATOMS: num_atoms,
+            keys.ATOMIC_NUMBERS: self.numbers,
+            keys.CELL: self.cells,
+            keys.PBC: self.periodic,
+            keys.BATCH: self.system,
+            keys.NUM_ATOMS: self.num_atoms,
             keys.EDGE_INDEX: edge_index,
-            keys.CELL_SHIFTS: shifts.to(self.dtype),
+            keys.CELL_SHIFTS: shifts.to(positions.dtype),
         }
-
-
-def _starts(counts: list[int]):
-    start = 0
-    for count in counts:
-        yield start, count
-        start += count
-
-
-def _concatenate(
-    lists: list[_SystemList], counts: list[int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = [start for start, _ in _starts(counts)]
-    if not lists:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
-    edge_index = torch.cat([item.edge_index + offset for item, offset in zip(lists, offsets)], dim=1)
-    return edge_index, torch.cat([item.cell_shifts for item in lists])
 
 
 def voigt(stress: np.ndarray) -> np.ndarray:

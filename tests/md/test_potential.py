@@ -105,3 +105,13 @@ def test_unseen_elements_and_inconsistent_inputs_are_refused():
         potential(atoms.positions, atoms.numbers[:-1], atoms.cell.array, atoms.pbc)
     with pytest.raises(ValueError, match="skin=-1"):
         StudentPotential(student(), skin=-1.0)
+
+
+def test_non_finite_positions_give_nan_not_a_number():
+    potential = StudentPotential(student(), dtype=torch.float64)
+    atoms = alloy()
+    assert np.isfinite(_outputs(potential, atoms)["energy"]).all()
+    atoms.positions[4] = np.nan
+    out = _outputs(potential, atoms)
+    assert np.isnan(out["energy"]).all() and np.isnan(out["forces"]).all() and np.isnan(out["stress"]).all()
+    assert potential.stats.nonfinite_calls == 1
