@@ -20,8 +20,7 @@ Forces come from ``torch.autograd.grad`` inside the module: call it with grad mo
 ``torch.no_grad()`` or inference mode.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: TorchScript reads this module's class annotations as types.
 import copy
 import json
 import os
