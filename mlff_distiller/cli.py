@@ -109,6 +109,10 @@ UNITS = {
     "time_ps": "ps",
     "timestep_fs": "fs",
     "temperature_K": "K",
+    "mean_temperature": "K",
+    "ns_per_day": "ns/day",
+    "atom_steps_per_s": "atom-steps/s",
+    "wall_s": "s",
 }
 """Units of metrics, by the last part of their name (``test/force_mae`` -> ``force_mae``)."""
 
