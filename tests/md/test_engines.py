@@ -5,6 +5,7 @@ stopped by the one stability check every engine goes through."""
 from __future__ import annotations
 
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -41,7 +42,10 @@ def ase_nve():
 @pytest.mark.parametrize("engine", OTHER_ENGINES)
 def test_nve_agrees_with_ase_velocity_verlet(engine, ase_nve):
     require(engine)
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
     summary = nve(engine)
+    # The engine left the process as it found it (i-PI takes SIGINT/SIGTERM while it runs).
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers
     reference = ase_nve
     assert summary.stable and reference.stable and summary.steps == 100
     moved = np.linalg.norm(reference.final.positions - alloy(seed=5).positions, axis=1)

@@ -101,8 +101,13 @@ class IPIEngine:
 
     def close(self) -> None:
         if self.simulation is not None:
+            from ipi.utils.softexit import softexit
+
             self.simulation.stop()
             self.simulation = None
+            # i-PI's soft exit is process-wide: it took over SIGINT/SIGTERM and watches for an EXIT file. Give the
+            # signals back (a Trainer in this process must see its own) and let its monitor thread end.
+            softexit.reset()
         if self.client is not None:
             self.client.join(timeout=10)
             self.client = None
