@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
@@ -11,80 +10,79 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from torch import nn
 
-from .data import keys
-from .data.batch import collate_atoms
-from .data.dataset import atoms_to_graph
+from .md.potential import DEFAULT_SKIN, StudentPotential
 
 
 class StudentCalculator(Calculator):
-    """Energy and forces of a student model through ASE's calculator interface.
+    """Energy, forces and stress of a student model through ASE's calculator interface.
 
     ``StudentCalculator(model)`` wraps a model in memory; ``StudentCalculator.from_checkpoint(path)``
-    rebuilds the student of any ``mlff-train`` run from its ``best_model.pt`` or ``last.pt``
-    (EMA weights when the run kept them). A structure with an element the student was not trained on
-    raises :class:`~mlff_distiller.models.base.UnknownElementError`.
+    rebuilds the student of any ``mlff-train`` run from its ``best_model.pt`` or ``last.pt`` (or a run
+    directory; EMA weights when the run kept them). It calls the student through
+    :class:`~mlff_distiller.md.potential.StudentPotential`, which reuses neighbour lists within a ``skin``
+    (Å) as MD moves the atoms. A structure with an element the student was not trained on raises
+    :class:`~mlff_distiller.models.base.UnknownElementError`.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(
-        self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any
+        self,
+        model: nn.Module | StudentPotential,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        skin: float = DEFAULT_SKIN,
+        **kwargs: Any,
     ) -> None:
+        """``model``: a student (copied), or a :class:`StudentPotential` to share (used as it is)."""
         super().__init__(**kwargs)
-        if not hasattr(model, "cutoff"):
-            raise TypeError(
-                f"{type(model).__name__} has no 'cutoff' attribute; StudentCalculator needs an "
-                "atomistic student (e.g. SchNet, PaiNN)."
-            )
-        self.device = torch.device(device)
-        self.dtype = dtype
-        # A copy: the caller's model (maybe still training) keeps its dtype, mode and requires_grad.
-        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)  # only d/dpositions is needed
+        if isinstance(model, StudentPotential):
+            self.potential = model
+        else:
+            self.potential = StudentPotential(model, device=device, dtype=dtype, skin=skin)
+
+    @property
+    def model(self) -> nn.Module:
+        """The calculator's own (frozen, eval-mode) copy of the student."""
+        return self.potential.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.potential.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.potential.dtype
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike[str], device: str | torch.device = "cpu", use_ema: bool = True, **kwargs: Any
     ) -> StudentCalculator:
         """Rebuild the model described in an ``mlff-train`` checkpoint and load its weights."""
-        from hydra.utils import instantiate
+        from .evaluation import load_student
 
-        from .training.checkpoint import CheckpointError, load_checkpoint_file, load_model_weights
+        return cls(load_student(path, use_ema=use_ema).model, device=device, **kwargs)
 
-        state = load_checkpoint_file(path)
-        model_config = state.get("config", {}).get("extra", {}).get("model_config")
-        if model_config is None:
-            raise CheckpointError(
-                f"Checkpoint {str(path)!r} does not describe its model (no model_config); it "
-                "was not written by mlff-train. Build the model yourself and pass it to "
-                "StudentCalculator(model)."
-            )
-        model = instantiate(model_config)
-        load_model_weights(model, path, use_ema=use_ema)
-        return cls(model, device=device, **kwargs)
+    def check_state(self, atoms: Any, tol: float = 1e-15) -> list[str]:
+        """What changed since the last calculation, compared exactly: ASE's generic comparison (every array
+        with ``allclose``) costs about as much as a small student's call."""
+        if self.atoms is None:
+            return list(all_changes)
+        old, changes = self.atoms, []
+        if not np.array_equal(old.positions, atoms.positions):
+            changes.append("positions")
+        if not np.array_equal(old.numbers, atoms.numbers):
+            changes.append("numbers")
+        if not np.array_equal(old.cell.array, atoms.cell.array):
+            changes.append("cell")
+        if not np.array_equal(old.pbc, atoms.pbc):
+            changes.append("pbc")
+        return changes
 
     def calculate(self, atoms: Any = None, properties: Any = ("energy",), system_changes: Any = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        if hasattr(self.model, "check_elements"):
-            self.model.check_elements(self.atoms.numbers, where=f"The structure ({self.atoms.get_chemical_formula()})")
-        graph = atoms_to_graph(self.atoms, self.model.cutoff, with_labels=False, dtype=self.dtype)
-        batch = collate_atoms([graph]).to(self.device)
-        periodic = bool(self.atoms.pbc.all())
-        if "stress" in properties and not periodic:
+        stress = "stress" in properties
+        if stress and not self.atoms.pbc.all():
             raise PropertyNotImplementedError("stress needs a periodic cell (pbc all True).")
-        if hasattr(self.model, "compute_stress"):  # only pay for the strain derivative when asked
-            self.model.compute_stress = "stress" in properties
-        with torch.enable_grad():
-            output = self.model(batch)
-        energy = float(output[keys.ENERGY].detach().sum())
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "forces": output[keys.FORCES].detach().cpu().double().numpy(),
-        }
-        if keys.SITE_ENERGIES in output:  # per-atom energies: a student can label site energies too
-            self.results["energies"] = output[keys.SITE_ENERGIES].detach().cpu().double().numpy()
-        if keys.STRESS in output:
-            s = output[keys.STRESS][0].detach().cpu().double().numpy()
-            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        self.results = self.potential.compute_atoms(self.atoms, stress=stress)  # stress only when asked
+        self.results["free_energy"] = self.results["energy"]

@@ -115,6 +115,10 @@ UNITS = {
     "time_ps": "ps",
     "timestep_fs": "fs",
     "temperature_K": "K",
+    "mean_temperature": "K",
+    "ns_per_day": "ns/day",
+    "atom_steps_per_s": "atom-steps/s",
+    "wall_s": "s",
 }
 """Units of metrics, by the last part of their name that names a metric (``test/force_mae`` and
 ``test/force_mae/Cu`` -> ``force_mae``; parts that name a group, such as ``config_type=md_600K``, are skipped)."""

@@ -110,7 +110,8 @@ def load_student(path: str | os.PathLike[str], use_ema: bool = True) -> LoadedSt
     if model_config is None:
         raise CheckpointError(
             f"Checkpoint {str(file)!r} does not describe its model (no model_config): it was not written by "
-            "mlff-train. Build the model yourself, load its weights and call evaluate_structures(model, ...)."
+            "mlff-train. Build the model yourself, load its weights (training.load_model_weights) and pass it to "
+            "StudentCalculator(model), StudentPotential(model) or evaluate_structures(model, ...)."
         )
     model = instantiate(model_config)
     weights = dict(state["model"])

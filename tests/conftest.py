@@ -20,6 +20,11 @@ def pytest_addoption(parser):
         default=6,
         help="number of SIGKILLs in the reliability battery's kill sweep (CI: 6; the reported figure: 24)",
     )
+    parser.addoption(
+        "--md-long",
+        action="store_true",
+        help="run the MD engines' NVT checks 6x longer (tighter statistics; about a minute per engine)",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -124,12 +124,13 @@ def _collate_hessian_rows(
 
 
 def edge_vectors(
-    batch: Mapping[str, torch.Tensor], positions: torch.Tensor | None = None, cell: torch.Tensor | None = None
+    batch: dict[str, torch.Tensor], positions: torch.Tensor | None = None, cell: torch.Tensor | None = None
 ) -> torch.Tensor:
     """r_ij = x_j - x_i + S_ij @ cell for every edge; differentiable in ``positions`` and ``cell``."""
     positions = batch[keys.POSITIONS] if positions is None else positions
     cell = batch[keys.CELL] if cell is None else cell
-    i, j = batch[keys.EDGE_INDEX]
+    edge_index = batch[keys.EDGE_INDEX]
+    i, j = edge_index[0], edge_index[1]
     cell_of_edge = cell[batch[keys.BATCH][i]]
     shifts = torch.einsum("ek,ekl->el", batch[keys.CELL_SHIFTS].to(positions.dtype), cell_of_edge.to(positions.dtype))
     return positions[j] - positions[i] + shifts

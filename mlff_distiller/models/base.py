@@ -7,7 +7,6 @@ per-element reference energies, sums per structure and differentiates.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -90,15 +89,32 @@ class AtomisticModel(nn.Module):
                 "on data that contains these elements."
             )
 
-    def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+    def atomic_outputs(self, batch: dict[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         """Unscaled per-atom energies, shape (atoms,); ``vectors`` are the edge vectors r_ij."""
         raise NotImplementedError
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.enable_grad():  # forces need autograd, also when called under torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch``: any mapping of batch keys (a dict under TorchScript)."""
+        if torch.jit.is_scripting():
+            # TorchScript has no enable_grad: a scripted student must be called with grad mode on (the default).
             return self._energy_and_forces(batch)
+        else:
+            with torch.enable_grad():  # forces need autograd, also when called under torch.no_grad()
+                return self._energy_and_forces(batch)
 
-    def _energy_and_forces(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _edge_vectors(
+        self, batch: dict[str, torch.Tensor], positions: torch.Tensor, cell: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Edge vectors, and with ``compute_stress`` the zero strain they are deformed by (else None)."""
+        if not self.compute_stress:
+            return edge_vectors(batch, positions), None
+        # Stress = (1/V) dE/d(strain): deform positions and cell by a symmetric strain at zero.
+        strain = torch.zeros_like(cell).requires_grad_(True)
+        symmetric = 0.5 * (strain + strain.transpose(1, 2))
+        deformed = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch[keys.BATCH]])
+        return edge_vectors(batch, deformed, cell + torch.bmm(cell, symmetric)), strain
+
+    def _energy_and_forces(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         positions = batch[keys.POSITIONS]
         # Positions that already require grad mean the caller differentiates the forces again (Hessian
         # rows, also in validation where the model is in eval mode): the force graph must then be kept.
@@ -106,18 +122,15 @@ class AtomisticModel(nn.Module):
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
         inputs = [positions]
-        # Geometry stays in full precision under autocast: a bf16 cell shift is off by ~0.02 Å.
-        with torch.autocast(device_type=positions.device.type, enabled=False):
-            if self.compute_stress:
-                # Stress = (1/V) dE/d(strain): deform positions and cell by a symmetric strain at zero.
-                cell = batch[keys.CELL].to(positions.dtype)
-                strain = torch.zeros_like(cell, requires_grad=True)
-                symmetric = 0.5 * (strain + strain.transpose(1, 2))
-                deformed = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch[keys.BATCH]])
-                vectors = edge_vectors(batch, deformed, cell + torch.bmm(cell, symmetric))
-                inputs.append(strain)
-            else:
-                vectors = edge_vectors(batch, positions)
+        cell = batch[keys.CELL].to(positions.dtype)
+        if torch.jit.is_scripting():
+            vectors, strain = self._edge_vectors(batch, positions, cell)
+        else:
+            # Geometry stays in full precision under autocast: a bf16 cell shift is off by ~0.02 Å.
+            with torch.autocast(device_type=positions.device.type, enabled=False):
+                vectors, strain = self._edge_vectors(batch, positions, cell)
+        if strain is not None:
+            inputs.append(strain)
         # Reduced in the precision of the positions (float32/64), never in half precision.
         per_atom = self.atomic_outputs(batch, vectors).to(positions.dtype) * self.scale
         per_atom = per_atom + self.atomic_energies[batch[keys.ATOMIC_NUMBERS]]
@@ -125,13 +138,17 @@ class AtomisticModel(nn.Module):
         energy = torch.zeros(num_structures, dtype=per_atom.dtype, device=per_atom.device)
         energy = energy.index_add(0, batch[keys.BATCH], per_atom)
         # create_graph while training so that a force loss reaches the weights.
-        gradients = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training or higher_derivatives)
+        gradients = torch.autograd.grad([energy.sum()], inputs, create_graph=self.training or higher_derivatives)
+        position_gradient = gradients[0]
+        assert position_gradient is not None  # refines Optional[Tensor] for TorchScript; never fails
         # The per-atom terms are already there: exposing them costs nothing and changes no other output.
-        out = {keys.ENERGY: energy, keys.FORCES: -gradients[0], keys.SITE_ENERGIES: per_atom}
+        out = {keys.ENERGY: energy, keys.FORCES: -position_gradient, keys.SITE_ENERGIES: per_atom}
         if self.compute_stress:
+            strain_gradient = gradients[1]
+            assert strain_gradient is not None
             volume = torch.linalg.det(cell).abs()
             volume = torch.where(volume > 0, volume, torch.ones_like(volume))  # non-periodic: stress is dE/dstrain
-            out[keys.STRESS] = gradients[1] / volume[:, None, None]
+            out[keys.STRESS] = strain_gradient / volume[:, None, None]
         return out
 
 

@@ -8,7 +8,6 @@ backward: the force loss differentiates through ``forces = -dE/dx``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -23,8 +22,12 @@ _LOG2 = math.log(2.0)
 class ShiftedSoftplus(nn.Module):
     """ssp(x) = softplus(x) - log 2: smooth, ssp(0) = 0 (SchNet's activation)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = _LOG2  # an attribute: TorchScript cannot read module-level floats
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.softplus(x) - _LOG2
+        return nn.functional.softplus(x) - self.shift
 
 
 ACTIVATIONS = {"ssp": ShiftedSoftplus, "shifted_softplus": ShiftedSoftplus, "silu": nn.SiLU}
@@ -51,7 +54,7 @@ def mlp(sizes: list[int], act: str, bias_last: bool = True) -> nn.Sequential:
 
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
     """``out[index[e]] += src[e]`` along dim 0; ``out`` has ``dim_size`` rows and ``src``'s dtype."""
-    out = src.new_zeros((dim_size, *src.shape[1:]))
+    out = src.new_zeros([dim_size] + list(src.shape[1:]))
     return out.index_add_(0, index, src)
 
 
@@ -99,14 +102,13 @@ class EdgeGeometry(NamedTuple):
     """Radial basis times the cosine cutoff, (E, num_rbf): zero with zero slope at the cutoff."""
 
 
-def edge_geometry(vectors: torch.Tensor, rbf: nn.Module, cutoff: float) -> EdgeGeometry:
+def edge_geometry(distances: torch.Tensor, basis: torch.Tensor, cutoff: float) -> EdgeGeometry:
     """Distances and cut-off radial basis of the edge vectors ``(E, 3)``.
 
     The envelope multiplies the narrow basis rather than the wide filters built from it; with
     bias-free filter networks whose activation maps 0 to 0 that is equally smooth and cheaper.
     """
-    distances = torch.linalg.vector_norm(vectors, dim=-1)
-    return EdgeGeometry(distances, rbf(distances) * cosine_cutoff(distances, cutoff).unsqueeze(-1))
+    return EdgeGeometry(distances, basis * cosine_cutoff(distances, cutoff).unsqueeze(-1))
 
 
 SHIFT_BASE = 256
@@ -132,7 +134,7 @@ class PairedEdges(NamedTuple):
     """False when the list is not a full list (an edge without its reverse): then nothing is shared."""
 
 
-def pair_edges(batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> PairedEdges:
+def pair_edges(batch: dict[str, torch.Tensor], vectors: torch.Tensor) -> PairedEdges:
     """Pair every edge of ``batch`` with its reverse; ``vectors`` are the batch's edge vectors (E, 3).
 
     An edge (i, j, S) is kept in the first half when i < j, or i == j and the shift S is
@@ -144,29 +146,30 @@ def pair_edges(batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> Pair
     num_edges = edge_index.shape[1]
     num_atoms = batch[keys.POSITIONS].shape[0]
     unpaired = PairedEdges(edge_index, vectors, False)
-    if num_edges == 0 or num_edges % 2 or num_atoms > MAX_PAIRED_ATOMS:
+    # Literals below are SHIFT_BASE (256) and MAX_PAIRED_ATOMS: TorchScript cannot read module-level numbers.
+    if num_edges == 0 or num_edges % 2 or num_atoms > 741_000:
         return unpaired
-    with torch.no_grad():
-        shifts = batch[keys.CELL_SHIFTS].round().to(torch.int64)
-        code = (shifts[:, 0] * SHIFT_BASE + shifts[:, 1]) * SHIFT_BASE + shifts[:, 2]  # sign: lexicographic
-        i, j = edge_index
-        first = (i < j) | ((i == j) & (code > 0))
-        half = num_edges // 2
-        forward = torch.sort((~first).to(torch.uint8), stable=True).indices[:half]
-        offset = SHIFT_BASE**3
-        keys_sorted, order = torch.sort((i * num_atoms + j) * offset + code)
-        reverse_keys = (j[forward] * num_atoms + i[forward]) * offset - code[forward]
-        reverse = order[torch.searchsorted(keys_sorted, reverse_keys).clamp_(max=num_edges - 1)]
-        ok = (
-            first[forward].all()
-            & (shifts.abs() < SHIFT_BASE // 2).all()
-            & (edge_index[:, reverse] == edge_index[:, forward].flip(0)).all()
-            & (shifts[reverse] == -shifts[forward]).all()
-            & (torch.bincount(reverse, minlength=num_edges) <= 1).all()
-        )
-        if not bool(ok):
-            return unpaired
-        permutation = torch.cat([forward, reverse])
+    # Integer work only (no gradients flow through it).
+    shifts = batch[keys.CELL_SHIFTS].round().to(torch.int64)
+    code = (shifts[:, 0] * 256 + shifts[:, 1]) * 256 + shifts[:, 2]  # sign: lexicographic
+    i, j = edge_index[0], edge_index[1]
+    first = (i < j) | ((i == j) & (code > 0))
+    half = num_edges // 2
+    forward = torch.sort((~first).to(torch.uint8), stable=True).indices[:half]
+    offset = 256 * 256 * 256
+    keys_sorted, order = torch.sort((i * num_atoms + j) * offset + code)
+    reverse_keys = (j[forward] * num_atoms + i[forward]) * offset - code[forward]
+    reverse = order[torch.searchsorted(keys_sorted, reverse_keys).clamp_(max=num_edges - 1)]
+    ok = (
+        first[forward].all()
+        & (shifts.abs() < 128).all()
+        & (edge_index[:, reverse] == edge_index[:, forward].flip(0)).all()
+        & (shifts[reverse] == -shifts[forward]).all()
+        & (torch.bincount(reverse, minlength=num_edges) <= 1).all()
+    )
+    if not bool(ok):
+        return unpaired
+    permutation = torch.cat([forward, reverse])
     return PairedEdges(edge_index[:, permutation], vectors[forward], True)
 
 
@@ -176,7 +179,8 @@ def times_edge_filter(x: torch.Tensor, edge_filter: torch.Tensor) -> torch.Tenso
     rows = edge_filter.shape[0]
     if rows == x.shape[0]:
         return x * edge_filter
-    return (x.view(x.shape[0] // rows, rows, *x.shape[1:]) * edge_filter).view(x.shape)
+    shape = x.shape
+    return (x.view([shape[0] // rows, rows] + list(shape[1:])) * edge_filter).view(shape)
 
 
 def init_linear_(module: nn.Module) -> None:

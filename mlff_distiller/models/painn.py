@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import nn
 
@@ -60,7 +58,7 @@ class PaiNNMessage(nn.Module):
         avg_num_neighbors: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``v`` is None for the first block; returns the updated (s, v)."""
-        i, j = edge_index
+        i, j = edge_index[0], edge_index[1]
         n = s.shape[0]
         phi = self.phi(s).split(self.hidden, dim=-1)
         ds = times_edge_filter(torch.index_select(phi[0], 0, j), self.filter_s(rbf))  # (E, H)
@@ -89,12 +87,13 @@ class PaiNNUpdate(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
+        self.eps = VECTOR_NORM_EPS  # an attribute: TorchScript cannot read module-level floats
         self.uv = nn.Linear(hidden, 2 * hidden, bias=False)  # U and V stacked
         self.mlp = mlp([2 * hidden, hidden, 3 * hidden], "silu")
 
     def forward(self, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u_v, v_v = self.uv(v).split(self.hidden, dim=-1)  # (N, 3, H) each
-        norm = torch.sqrt(v_v.pow(2).sum(1) + VECTOR_NORM_EPS)
+        norm = torch.sqrt(v_v.pow(2).sum(1) + self.eps)
         a_vv, a_sv, a_ss = self.mlp(torch.cat([s, norm], dim=-1)).split(self.hidden, dim=-1)
         v = torch.addcmul(v, u_v, a_vv.unsqueeze(1))
         s = s + (u_v * v_v).sum(1) * a_sv + a_ss
@@ -141,10 +140,11 @@ class PaiNN(AtomisticModel):
                 if layer is not None:
                     init_radial_(layer)
 
-    def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+    def atomic_outputs(self, batch: dict[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         numbers = batch[keys.ATOMIC_NUMBERS]
         edge_index, vectors, paired = pair_edges(batch, vectors)
-        geometry = edge_geometry(vectors, self.rbf, self.cutoff)
+        distances = torch.linalg.vector_norm(vectors, dim=-1)
+        geometry = edge_geometry(distances, self.rbf(distances), self.cutoff)
         units = vectors / geometry.distances.unsqueeze(-1)
         if paired:  # the reversed edges point the other way
             units = torch.cat([units, -units])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import nn
 
@@ -46,7 +44,7 @@ class SchNetInteraction(nn.Module):
     def forward(
         self, h: torch.Tensor, rbf: torch.Tensor, edge_index: torch.Tensor, avg_num_neighbors: torch.Tensor
     ) -> torch.Tensor:
-        i, j = edge_index
+        i, j = edge_index[0], edge_index[1]
         x = times_edge_filter(torch.index_select(self.in2f(h), 0, j), self.filter(rbf))  # (E, H)
         return h + self.f2out(scatter_sum(x, i, h.shape[0]) / avg_num_neighbors)
 
@@ -89,10 +87,11 @@ class SchNet(AtomisticModel):
         for block in self.interactions:
             init_radial_(block.filter[0])
 
-    def atomic_outputs(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+    def atomic_outputs(self, batch: dict[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         numbers = batch[keys.ATOMIC_NUMBERS]
         edge_index, vectors, _ = pair_edges(batch, vectors)
-        rbf = edge_geometry(vectors, self.rbf, self.cutoff).radial
+        distances = torch.linalg.vector_norm(vectors, dim=-1)
+        rbf = edge_geometry(distances, self.rbf(distances), self.cutoff).radial
         h = self.embedding(append_isolated_atoms(numbers, self.max_z))
         for block in self.interactions:
             h = block(h, rbf, edge_index, self.avg_num_neighbors)
