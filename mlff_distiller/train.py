@@ -95,6 +95,7 @@ def train(cfg: DictConfig) -> float | None:
     main_process = distributed.rank() == 0
     if not main_process:
         _stop_file_logging()
+    _epoch_metrics_to_log_file()
     # Everything that can be checked is checked before any work (data generation, labelling) starts.
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
@@ -191,6 +192,14 @@ def _distill_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path) 
     report = distillation_report(student, teacher, test, output_dir, seed=cfg.seed, **options)
     print_report(report)
     return {f"distill/{name}": value for name, value in report.items()}
+
+
+def _epoch_metrics_to_log_file() -> None:
+    """Every metric of every epoch goes to the run's log file only; the console shows the compact rows of
+    the ConsoleLogger instead (set for each job: a sweep's jobs run in one process, each with its own file)."""
+    epochs = logging.getLogger("mlff_distiller.training.trainer.epochs")
+    epochs.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    epochs.propagate = False
 
 
 def _stop_file_logging() -> None:
