@@ -125,6 +125,7 @@ def test_runs_started_in_the_same_second_get_their_own_directory():
     """The run directory's name carries microseconds (Hydra's default has whole seconds)."""
     from hydra import compose, initialize_config_module
 
+    import mlff_distiller.train  # noqa: F401  (registers the trainer schema that conf/trainer/default.yaml names)
     from mlff_distiller.cli import run_stamp as _run_stamp
 
     stamps = {_run_stamp() for _ in range(50)}
