@@ -256,8 +256,11 @@ def _resolve_resume(cfg: DictConfig, training_config: TrainingConfig) -> tuple[P
         )
     # The groups must be the saved ones; the trainer fields follow the Trainer's list of what may change.
     ignored = (*RUN_KEYS, "trainer")
+    saved_run = dict(saved["extra"]["run_config"])
+    if isinstance(saved_run.get("scheduler"), dict):  # runs from before the Trainer set a cosine's T_max
+        saved_run["scheduler"] = {k: v for k, v in saved_run["scheduler"].items() if k != "T_max"}
     differences = _config_differences(
-        {k: v for k, v in saved["extra"]["run_config"].items() if k not in ignored},
+        {k: v for k, v in saved_run.items() if k not in ignored},
         {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ignored},
     )
     differences += [f"trainer.{change}" for change in resume_differences(saved, training_config.to_dict())]

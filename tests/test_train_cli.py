@@ -186,7 +186,13 @@ def test_resume_that_cannot_be_honoured_is_an_error(tmp_path):
     assert faster.returncode == 2 and "trainer.learning_rate: checkpoint 0.005, now 0.01" in faster.stderr
     for name in ("r1", "r2", "r3", "r4"):
         assert not (tmp_path / name / "checkpoints").exists()
-    # What the Trainer accepts on resume the command line accepts too (one list): more epochs, another interval.
+    # What the Trainer accepts on resume the command line accepts too (one list): more epochs, another interval;
+    # also from a run saved before the Trainer set the cosine's T_max (its scheduler config named T_max).
+    from mlff_distiller.training import save_checkpoint
+
+    state = load(tmp_path / "first/checkpoints/last.pt")
+    state["config"]["extra"]["run_config"]["scheduler"]["T_max"] = "${trainer.max_epochs}"
+    save_checkpoint(state, tmp_path / "first/checkpoints/last.pt")
     more = ["experiment=smoke", "trainer.max_epochs=2", "trainer.log_interval=1", "trainer.val_interval=2"]
     ok(run([*more, "ckpt_path=first", "hydra.run.dir=r5"], tmp_path))
     assert load(tmp_path / "r5/checkpoints/last.pt")["epoch"] == 2
