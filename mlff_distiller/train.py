@@ -32,11 +32,11 @@ log = logging.getLogger("mlff_distiller.train")
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainingConfig)
 
-# Keys that may differ between a run and its resumption (paths are per run; max_epochs may be raised;
-# callbacks observe the run).
-RESUME_MAY_CHANGE = ("ckpt_path", "allow_config_change", "auto_resume", "callbacks", "paths", "trainer.max_epochs")
-# TrainingConfig fields that only the Python API uses; on the command line the groups decide.
-GROUP_OWNED = {"trainer.optimizer": "optimizer", "trainer.lr_scheduler": "scheduler"}
+RUN_KEYS = ("ckpt_path", "allow_config_change", "auto_resume", "callbacks", "paths")
+"""Top-level keys that say how to run, not what is trained: they may differ between a run and its
+resumption. The ``trainer`` fields follow the Trainer's own list (``training.config.RESUMABLE_CHANGES``)."""
+CONSOLE_METRICS = ("train/loss", "val/loss", "val/energy_mae_per_atom", "val/force_mae")
+"""Shown in each epoch's console row (with the monitored metric, lr and time); train.log has every metric."""
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mlff_distiller.conf", config_name="train")
@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float | None:
         _leave_process_group()
         return result
     except Exception as error:
-        from mlff_distiller.training import CheckpointError, NonFiniteLossError, TrainingInterrupted
+        from mlff_distiller.training.signals import TrainingInterrupted  # imports no torch: bad input fails fast
 
         if isinstance(error, TrainingInterrupted):
             overrides = " ".join(o for o in task_overrides() if not o.startswith("ckpt_path="))
@@ -58,10 +58,12 @@ def main(cfg: DictConfig) -> float | None:
             # records the exception, sweepers such as Optuna count the trial as failed and go on.
             log.error("This job failed (%s: %s); the sweep goes on with the other jobs.", type(error).__name__, error)
             raise
+        if isinstance(error, (CLIError, ConfigError)) or is_instantiation_error(error):
+            fail("mlff-train", error)
         from mlff_distiller.teachers.calculators import TeacherUnavailableError
+        from mlff_distiller.training import CheckpointError, NonFiniteLossError
 
-        known = (CLIError, ConfigError, CheckpointError, NonFiniteLossError, TeacherUnavailableError)
-        if isinstance(error, known) or is_instantiation_error(error):
+        if isinstance(error, (CheckpointError, NonFiniteLossError, TeacherUnavailableError)):
             fail("mlff-train", error)
         raise
     return None  # unreachable
@@ -78,15 +80,14 @@ def _leave_process_group() -> None:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Compose-then-run body of ``mlff-train``, callable from Python with a composed config."""
-    overrides = task_overrides()
-    _reject_group_owned_overrides(overrides)
-    training_config: TrainingConfig = OmegaConf.to_object(cfg.trainer)  # validates every field
+    """Compose-then-run body of ``mlff-train``, callable from Python with a composed config: build what the
+    config names, hand it to the Trainer, then test the best checkpoint and write ``metrics.json``."""
+    training_config = _training_config(cfg)  # validates every field
 
     from hydra.utils import instantiate
 
-    from mlff_distiller.training import ConsoleLogger, Trainer, distributed
-    from mlff_distiller.training.trainer import seed_everything
+    from mlff_distiller.training import ConsoleLogger, Trainer, distributed, seed_everything
+    from mlff_distiller.training.optim import check_factory
 
     # Under torchrun: join the process group (gloo on CPU, nccl on GPUs); only rank 0 writes files.
     distributed.init_from_env(training_config.device)
@@ -94,7 +95,14 @@ def train(cfg: DictConfig) -> float | None:
     main_process = distributed.rank() == 0
     if not main_process:
         _stop_file_logging()
-    resume_path, resume_state = _resolve_resume(cfg, training_config.checkpoint_dir)
+    _epoch_metrics_to_log_file()
+    # Everything that can be checked is checked before any work (data generation, labelling) starts.
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
+    check_factory(optimizer, "optimizer")
+    if scheduler is not None:
+        check_factory(scheduler, "scheduler")
+    resume_path, resume_state = _resolve_resume(cfg, training_config)
     if cfg.get("teacher") is not None and cfg.data.get("path") is None:
         from mlff_distiller.teachers.calculators import require_teacher
 
@@ -104,9 +112,8 @@ def train(cfg: DictConfig) -> float | None:
     training_config.extra = {
         "run_config": OmegaConf.to_container(cfg, resolve=False),
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),  # rebuilds the student later
-        "overrides": overrides,
+        "overrides": task_overrides(),
     }
-
     if cfg.seed is not None:
         seed_everything(cfg.seed)  # model initialisation and data generation are reproducible too
     data = instantiate(cfg.data)
@@ -115,12 +122,6 @@ def train(cfg: DictConfig) -> float | None:
     loss = instantiate(cfg.loss)
     if getattr(data, "metric_groups", None) and hasattr(loss, "metric_groups"):
         loss.metric_groups = data.metric_groups  # per-config-type metrics need the group names
-    optimizer = instantiate(cfg.optimizer)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
-    loggers = [ConsoleLogger(print_epochs=False)]
-    loggers += [instantiate(node) for node in (cfg.get("logger") or {}).values()]
-    callbacks = {name: instantiate(node) for name, node in (cfg.get("callbacks") or {}).items() if node}
-
     trainer = Trainer(
         model=model,
         train_loader=data.train_loader(),
@@ -129,14 +130,12 @@ def train(cfg: DictConfig) -> float | None:
         loss_fn=loss,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        loggers=loggers,
-        callbacks=callbacks,
+        loggers=[ConsoleLogger(metrics=CONSOLE_METRICS)]
+        + [instantiate(node) for node in (cfg.get("logger") or {}).values()],
+        callbacks={name: instantiate(node) for name, node in (cfg.get("callbacks") or {}).items() if node},
     )
     if resume_state is not None:
         trainer.load_state_dict(resume_state, source=str(resume_path), strict_config=not cfg.allow_config_change)
-        if main_process:
-            _carry_best_checkpoint(resume_path, trainer.checkpoint_dir)
-        distributed.barrier()
         log.info(
             "Resuming %s at epoch %d (step %d) into %s", resume_path, trainer.epoch, trainer.global_step, output_dir
         )
@@ -162,6 +161,19 @@ def train(cfg: DictConfig) -> float | None:
     return trainer.best_metric if trainer.best_metric is not None else math.nan
 
 
+def _training_config(cfg: DictConfig) -> TrainingConfig:
+    """The ``trainer`` group as a validated TrainingConfig. On the command line the optimizer and the
+    scheduler are chosen with their groups; the Python API's names for them must stay unset."""
+    config: TrainingConfig = OmegaConf.to_object(cfg.trainer)
+    for field, group, example in (("optimizer", "optimizer", "adamw"), ("lr_scheduler", "scheduler", "plateau")):
+        if getattr(config, field) is not None:
+            raise CLIError(
+                f"trainer.{field}={getattr(config, field)!r}: on the command line the {group} is chosen with the "
+                f"'{group}' group (e.g. {group}={example}); trainer.{field} is only read by the Python API."
+            )
+    return config
+
+
 def _distill_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path) -> dict[str, float]:
     """Student (best checkpoint, EMA weights) vs teacher on the test split: accuracy, speed, NVE run."""
     import copy
@@ -183,6 +195,14 @@ def _distill_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path) 
     return {f"distill/{name}": value for name, value in report.items()}
 
 
+def _epoch_metrics_to_log_file() -> None:
+    """Every metric of every epoch goes to the run's log file only; the console shows the compact rows of
+    the ConsoleLogger instead (set for each job: a sweep's jobs run in one process, each with its own file)."""
+    epochs = logging.getLogger("mlff_distiller.training.trainer.epochs")
+    epochs.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    epochs.propagate = False
+
+
 def _stop_file_logging() -> None:
     """Processes other than rank 0 keep their console output but leave the run's log file to rank 0."""
     root = logging.getLogger()
@@ -192,56 +212,30 @@ def _stop_file_logging() -> None:
             handler.close()
 
 
-def _carry_best_checkpoint(resume_path: Path, checkpoint_dir: Path | None) -> None:
-    """The resumed run starts in a new directory: bring the best model so far along, so that test
-    evaluation and StudentCalculator find it even if no later epoch improves on it."""
-    source = resume_path.parent / "best_model.pt"
-    if checkpoint_dir is None or not source.is_file() or source.resolve() == (checkpoint_dir / source.name).resolve():
-        return
-    import shutil
-
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, checkpoint_dir / source.name)
-
-
 def _evaluate_test_split(trainer: Any, data: Any, show: bool = True) -> dict[str, float]:
-    """Evaluate the best checkpoint (EMA weights when kept) on the test split and print a table."""
+    """The best checkpoint's weights (EMA weights when kept) on the test split, shown as a table."""
     test_loader = data.test_loader() if hasattr(data, "test_loader") else None
     best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
     if test_loader is None or best is None or not best.is_file():
         if test_loader is not None:
             log.warning("No best_model.pt in %s: the test split was not evaluated.", trainer.checkpoint_dir)
         return {}
-    from mlff_distiller.training import load_checkpoint_file
-
-    # Only its weights matter here; with allow_config_change the carried-over best model has the old config.
-    trainer.load_state_dict(load_checkpoint_file(best), source=str(best), strict_config=False)
-    results = trainer.evaluate(test_loader, prefix="test")
+    results = trainer.evaluate_checkpoint(best, test_loader, prefix="test")
     if hasattr(data, "force_std"):
         results["test/force_std"] = 1e3 * data.force_std("test")
     if show:
-        title = f"Test split: {len(data.datasets['test'])} structures, best model (epoch {trainer.epoch})"
+        title = f"Test split: {len(data.datasets['test'])} structures, best model (epoch {trainer.best_epoch})"
         print_metrics(results, title)
     return results
 
 
-def _reject_group_owned_overrides(overrides: list[str]) -> None:
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in GROUP_OWNED:
-            group = GROUP_OWNED[key]
-            raise CLIError(
-                f"'{override}': on the command line the {group} is chosen with the '{group}' group "
-                f"(e.g. {group}=adamw); {key} is only read by the Python API."
-            )
-
-
-def _resolve_resume(cfg: DictConfig, checkpoint_dir: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+def _resolve_resume(cfg: DictConfig, training_config: TrainingConfig) -> tuple[Path | None, dict[str, Any] | None]:
     """Find and check the checkpoint named by ``ckpt_path`` (or, with ``auto_resume``, the run's own
     checkpoints, as a requeued cluster job finds them); a resume that cannot be honoured is an error."""
     from mlff_distiller.training.checkpoint import read_checkpoint, resume_candidates
+    from mlff_distiller.training.config import RESUMABLE_CHANGES, resume_differences
 
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path, checkpoint_dir = cfg.get("ckpt_path"), training_config.checkpoint_dir
     if not ckpt_path and cfg.get("auto_resume") and checkpoint_dir and resume_candidates(Path(checkpoint_dir)):
         ckpt_path = checkpoint_dir
         log.info("auto_resume: continuing the run in %s", checkpoint_dir)
@@ -255,21 +249,31 @@ def _resolve_resume(cfg: DictConfig, checkpoint_dir: str | None) -> tuple[Path |
         )
     # A run directory: its newest readable checkpoint; unreadable newer files are skipped with a warning.
     path, state = read_checkpoint(path)
-    saved = state.get("config", {}).get("extra", {})
-    if "run_config" not in saved:
+    saved = state.get("config", {})
+    if "run_config" not in saved.get("extra", {}):
         raise CLIError(
             f"ckpt_path={str(path)!r} was not written by mlff-train (no run config inside); resume it "
             "from Python with Trainer.load_checkpoint."
         )
-    differences = _config_differences(saved["run_config"], OmegaConf.to_container(cfg, resolve=False))
+    # The groups must be the saved ones; the trainer fields follow the Trainer's list of what may change.
+    ignored = (*RUN_KEYS, "trainer")
+    saved_run = dict(saved["extra"]["run_config"])
+    if isinstance(saved_run.get("scheduler"), dict):  # runs from before the Trainer set a cosine's T_max
+        saved_run["scheduler"] = {k: v for k, v in saved_run["scheduler"].items() if k != "T_max"}
+    differences = _config_differences(
+        {k: v for k, v in saved_run.items() if k not in ignored},
+        {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ignored},
+    )
+    differences += [f"trainer.{change}" for change in resume_differences(saved, training_config.to_dict())]
     if differences and not cfg.get("allow_config_change"):
-        original = " ".join(saved.get("overrides", [])) or "(none)"
+        original = " ".join(saved["extra"].get("overrides", [])) or "(none)"
+        may_change = ", ".join(f"trainer.{name}" for name in sorted(RESUMABLE_CHANGES - {"extra"}))
         raise CLIError(
             f"Cannot resume from {str(path)!r}: the config differs from the saved run at "
             + "; ".join(differences)
-            + f". Resume with the original overrides ({original}) plus ckpt_path=...; only trainer.max_epochs may "
-            "change, unless you add allow_config_change=true (the optimizer and scheduler then continue from "
-            "the checkpoint's state)."
+            + f". Resume with the original overrides ({original}) plus ckpt_path=...; only {may_change} and "
+            f"{', '.join(RUN_KEYS)} may change, unless you add allow_config_change=true (the optimizer and "
+            "scheduler then continue from the checkpoint's state)."
         )
     if differences:
         log.warning("Resuming %s with a changed config (allow_config_change=true): %s", path, "; ".join(differences))
@@ -277,15 +281,13 @@ def _resolve_resume(cfg: DictConfig, checkpoint_dir: str | None) -> tuple[Path |
 
 
 def _config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    if prefix.rstrip(".") in RESUME_MAY_CHANGE:
-        return []
     if isinstance(saved, dict) and isinstance(current, dict):
         out: list[str] = []
         for key in sorted(set(saved) | set(current), key=str):
             out += _config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
         return out
     if saved != current:
-        return [f"{prefix.rstrip('.')} (saved {saved!r}, now {current!r})"]
+        return [f"{prefix.rstrip('.')}: checkpoint {saved!r}, now {current!r}"]
     return []
 
 

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import mlff_distiller.train  # noqa: F401  (registers the trainer schema)
 from mlff_distiller.training import ConfigError, Trainer, TrainingConfig
+from mlff_distiller.training.optim import build_scheduler, optimizer_factory, scheduler_factory
 
 CONF = files("mlff_distiller.conf")
 GROUPS = ("model", "data", "loss", "optimizer", "scheduler", "trainer", "logger", "experiment", "teacher")
@@ -70,7 +71,8 @@ def test_every_option_composes_and_instantiates(tmp_path, smoke_file, group, opt
     loss = instantiate(cfg.loss)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.trainer.learning_rate)
-    scheduler = instantiate(cfg.scheduler)(optimizer) if "_target_" in (cfg.scheduler or {}) else None
+    factory = instantiate(cfg.scheduler) if "_target_" in (cfg.scheduler or {}) else None
+    scheduler = build_scheduler(factory, optimizer, training_config.max_epochs) if factory is not None else None
     loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
     batch = next(iter(data.train_loader()))
     terms = loss(model, batch)
@@ -104,6 +106,40 @@ def check_teacher(cfg) -> None:
     elif not teacher_available(cfg.teacher.name):
         with pytest.raises(TeacherUnavailableError, match="pip install"):
             make_calculator(cfg.teacher.name, **cfg.teacher.kwargs)
+
+
+@pytest.mark.parametrize(
+    "group,option", [("optimizer", o) for o in options("optimizer")] + [("scheduler", o) for o in options("scheduler")]
+)
+def test_cli_groups_are_the_python_api_names(tmp_path, group, option):
+    """One path: each optimizer/scheduler option builds exactly the partial that the same name gives through
+    TrainingConfig (same class, same arguments, values read from trainer.*), with non-default values."""
+    values = [
+        "trainer.learning_rate=0.0123",
+        "trainer.weight_decay=0.01",
+        "trainer.momentum=0.7",
+        "trainer.nesterov=true",
+        "trainer.min_lr=1e-4",
+        "trainer.step_size=3",
+        "trainer.gamma=0.3",
+        "trainer.plateau_factor=0.25",
+        "trainer.plateau_patience=2",
+        "trainer.early_stopping_min_delta=0.01",
+        "mode=max",
+    ]
+    cfg = compose_cfg(tmp_path, f"{group}={option}", *values)
+    config = OmegaConf.to_object(cfg.trainer)
+    node = cfg[group]
+    from_cli = instantiate(node) if "_target_" in (node or {}) else None
+    if group == "optimizer":
+        from_api = optimizer_factory(TrainingConfig(**{**config.to_dict(), "optimizer": option}))
+    else:
+        from_api = scheduler_factory(TrainingConfig(**{**config.to_dict(), "lr_scheduler": option}))
+    if from_api is None:
+        assert from_cli is None
+        return
+    assert from_cli.func is from_api.func
+    assert from_cli.keywords == from_api.keywords
 
 
 def test_shared_values_are_interpolated_once(tmp_path):
@@ -143,6 +179,7 @@ def test_composed_job_trains(tmp_path):
         lr_scheduler=instantiate(cfg.scheduler),
         loggers=[],
     )
+    assert trainer.scheduler.T_max == 3  # the cosine spans the run: the Trainer sets its horizon
     history = trainer.fit()
     # The optimised quantity (energy + force + stress terms) falls by a fifth in three short epochs.
     assert history["val/loss"][-1] < 0.8 * history["val/loss"][0]

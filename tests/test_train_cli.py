@@ -35,7 +35,7 @@ def load(path: Path) -> dict:
 
 
 def test_one_epoch_run_writes_every_artifact(tmp_path):
-    ok(run(["experiment=smoke", "trainer.max_epochs=1", "hydra.run.dir=run"], tmp_path))
+    result = ok(run(["experiment=smoke", "trainer.max_epochs=1", "hydra.run.dir=run"], tmp_path))
     run_dir = tmp_path / "run"
     assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in (run_dir / ".hydra").iterdir()}
     assert yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text()) == [
@@ -50,6 +50,9 @@ def test_one_epoch_run_writes_every_artifact(tmp_path):
     assert len(events) == 1 and events[0].stat().st_size > 0
     log_text = (run_dir / "train.log").read_text()
     assert "epoch 1/1" in log_text and "val/force_mae" in log_text
+    # The console shows a compact row per epoch; the log file has every metric.
+    assert "train/samples_per_s" in log_text and "samples_per_s" not in result.stdout + result.stderr
+    assert "(* new best val/force_mae)" in result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epoch"] == 1 and metrics["global_step"] == 4
     assert metrics["best/val/force_mae"] == pytest.approx(metrics["val/force_mae"])
@@ -105,6 +108,50 @@ def test_multirun_sweep_gives_isolated_jobs(tmp_path):
     assert len(seen) == 4
 
 
+def test_cli_cosine_follows_the_run_like_the_python_api(tmp_path):
+    """Regression: the command line's cosine had T_max = max_epochs also per step, so its lr fell to min_lr in
+    4 steps and rose again. Now, per epoch and per step, the lr of every optimizer step (TensorBoard lr_step)
+    equals the Python API's for the same settings, and never rises after the warmup."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mlff_distiller.training import Trainer, TrainingConfig
+
+    sweep = ["trainer.scheduler_interval=epoch,step", "trainer.max_epochs=4", "trainer.warmup_steps=3"]
+    ok(run(["-m", "experiment=smoke", "trainer.log_interval=1", *sweep, "hydra.sweep.dir=sweep"], tmp_path))
+    for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
+        overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
+        interval = next(o.split("=")[1] for o in overrides if o.startswith("trainer.scheduler_interval="))
+        events = EventAccumulator(str(job / "tensorboard"))
+        events.Reload()
+        points = events.Scalars("lr_step")
+        assert [p.step for p in points] == list(range(1, 17))  # 4 epochs x 4 steps (32 structures, batch 8)
+
+        # The same schedule through the Python API: names in TrainingConfig, 4 batches per epoch.
+        config = TrainingConfig(
+            max_epochs=4, learning_rate=5e-3, min_lr=1e-5, warmup_steps=3, optimizer="adam", lr_scheduler="cosine",
+            scheduler_interval=interval, checkpoint_dir=None, device="cpu", log_interval=1000, batch_size=1,
+        )  # fmt: skip
+        batches = DataLoader(TensorDataset(torch.randn(4, 2), torch.randn(4, 1)), batch_size=1)
+        trainer = Trainer(torch.nn.Linear(2, 1), batches, config=config, loggers=[])
+        lrs: list[float] = []
+        trainer.optimizer.register_step_pre_hook(lambda opt, *_, lrs=lrs: lrs.append(opt.param_groups[0]["lr"]))
+        trainer.fit()
+        assert [p.value for p in points] == pytest.approx(lrs, rel=1e-6), interval
+        assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])), interval  # non-increasing after the warmup
+        assert lrs[-1] < 0.2 * lrs[2], interval  # and it anneals
+
+
+def test_max_time_stops_saves_and_tests(tmp_path):
+    """A budget spent by the first optimizer step: that epoch is validated and saved, the test split evaluated."""
+    result = ok(run(["experiment=smoke", "trainer.max_time=0.001", "logger=none", "hydra.run.dir=run"], tmp_path))
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert (metrics["global_step"], metrics["epoch"]) == (1, 1)
+    assert metrics["test/force_mae"] > 0 and "val/force_mae" in metrics
+    assert "max_time=0.001 s is spent" in result.stdout + result.stderr
+    assert load(tmp_path / "run/checkpoints/last.pt")["elapsed_s"] >= 0.001
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """2 epochs + resume to 3 gives the same weights as 3 epochs straight (step scheduler, shuffled data)."""
     common = ["experiment=smoke", "scheduler=step", "trainer.step_size=1"]
@@ -135,8 +182,20 @@ def test_resume_that_cannot_be_honoured_is_an_error(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     garbage = run(["experiment=smoke", "ckpt_path=garbage.pt", "hydra.run.dir=r3"], tmp_path)
     assert garbage.returncode == 2 and "garbage.pt" in garbage.stderr and "could not be read" in garbage.stderr
-    for name in ("r1", "r2", "r3"):
+    faster = run(["experiment=smoke", "trainer.learning_rate=0.01", "ckpt_path=first", "hydra.run.dir=r4"], tmp_path)
+    assert faster.returncode == 2 and "trainer.learning_rate: checkpoint 0.005, now 0.01" in faster.stderr
+    for name in ("r1", "r2", "r3", "r4"):
         assert not (tmp_path / name / "checkpoints").exists()
+    # What the Trainer accepts on resume the command line accepts too (one list): more epochs, another interval;
+    # also from a run saved before the Trainer set the cosine's T_max (its scheduler config named T_max).
+    from mlff_distiller.training import save_checkpoint
+
+    state = load(tmp_path / "first/checkpoints/last.pt")
+    state["config"]["extra"]["run_config"]["scheduler"]["T_max"] = "${trainer.max_epochs}"
+    save_checkpoint(state, tmp_path / "first/checkpoints/last.pt")
+    more = ["experiment=smoke", "trainer.max_epochs=2", "trainer.log_interval=1", "trainer.val_interval=2"]
+    ok(run([*more, "ckpt_path=first", "hydra.run.dir=r5"], tmp_path))
+    assert load(tmp_path / "r5/checkpoints/last.pt")["epoch"] == 2
 
 
 @pytest.mark.parametrize(
@@ -148,6 +207,11 @@ def test_resume_that_cannot_be_honoured_is_an_error(tmp_path):
         (["trainer.learning_rate=-1"], ["learning_rate=-1.0", "> 0"]),
         (["trainer.mixed_precision=fp8"], ["mixed_precision='fp8'", "'off'", "'bf16'", "'fp16'"]),
         (["trainer.optimizer=sgd"], ["optimizer=adamw", "'optimizer' group"]),
+        (["trainer.lr_scheduler=step"], ["scheduler=plateau", "'scheduler' group"]),
+        (["+scheduler.T_max=4"], ["T_max=4", "its horizon is set by the Trainer", "remove T_max"]),
+        (["scheduler=step", "+scheduler.gama=0.5"], ["StepLR has no argument 'gama'", "gamma"]),
+        (["+optimizer.betas_typo=1"], ["Adam has no argument 'betas_typo'", "betas"]),
+        (["trainer.scheduler_horizon=max_time"], ["scheduler_horizon='max_time'", "max_time is None"]),
         (["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]),
     ],
 )

@@ -11,19 +11,17 @@ keys of :mod:`mlff_distiller.data.keys`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..data import keys
-from ..training.callbacks import Callback
+
+# The exact-metric term type is the loss-to-trainer protocol; nothing else of training is imported here.
 from ..training.metrics import Mean
 from .energy_force import EnergyForceLoss
-
-if TYPE_CHECKING:
-    from ..training.trainer import Trainer
 
 
 def row_slots(row_structure: torch.Tensor, rows_per_structure: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -76,7 +74,7 @@ def student_hessian_entries(
     return entries
 
 
-class EnergyForceHessianLoss(EnergyForceLoss, Callback):
+class EnergyForceHessianLoss(EnergyForceLoss):
     """:class:`EnergyForceLoss` plus ``hessian_weight * L(H_student - H_teacher)`` over Hessian-row entries.
 
     Args (besides those of :class:`EnergyForceLoss`):
@@ -86,11 +84,12 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
         hessian_start_step: the term is off before this optimizer step (forces first, then curvature).
         seed: seeds the choice of rows (per call, so a resumed run draws as an uninterrupted one).
 
-    As a :class:`~mlff_distiller.training.Callback` it follows ``trainer.global_step``; used without a
-    Trainer, set ``loss.step`` yourself. In eval mode (validation, test) every stored row is compared and
-    ``hessian_mae`` (meV/Å², exact: over every compared entry of the split) is reported whatever the step; in
-    training it and ``hessian_loss`` are reported only while the term is on (averaged over the batches that
-    had it). Batches without Hessian rows skip the term.
+    Given to the Trainer as ``loss_fn``, it follows ``trainer.global_step`` through the two callback hooks it
+    defines (the Trainer calls the hooks a loss_fn has; this module imports nothing of the trainer) and its
+    ``calls`` counter is checkpointed; used without a Trainer, set ``loss.step`` yourself. In eval mode
+    (validation, test) every stored row is compared and ``hessian_mae`` (meV/Å², exact: over every compared
+    entry of the split) is reported whatever the step; in training it and ``hessian_loss`` are reported only
+    while the term is on (averaged over the batches that had it). Batches without Hessian rows skip the term.
     """
 
     def __init__(
@@ -177,11 +176,11 @@ class EnergyForceHessianLoss(EnergyForceLoss, Callback):
         row_structure = batch[keys.BATCH][batch[keys.HESSIAN_ROW_COORD] // 3]
         return row_slots(row_structure, rows_per_structure or self.hessian_rows, generator)
 
-    # Callback hooks: follow the trainer's optimizer step (also after a resume).
-    def on_fit_start(self, trainer: Trainer) -> None:
+    # Trainer hooks: follow its optimizer step (also after a resume).
+    def on_fit_start(self, trainer: Any) -> None:
         self.step = trainer.global_step
 
-    def on_optimizer_step(self, trainer: Trainer) -> None:
+    def on_optimizer_step(self, trainer: Any) -> None:
         self.step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:

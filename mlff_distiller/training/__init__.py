@@ -24,8 +24,9 @@ _EXPORTS = {
     "TensorBoardLogger": "loggers",
     "NonFiniteLossError": "trainer",
     "Trainer": "trainer",
-    "TrainingInterrupted": "trainer",
+    "TrainingInterrupted": "signals",
     "load_latest_checkpoint": "checkpoint",
+    "seed_everything": "rng",
 }
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "load_latest_checkpoint",
     "load_model_weights",
     "save_checkpoint",
+    "seed_everything",
 ]
 
 if TYPE_CHECKING:
@@ -58,7 +60,9 @@ if TYPE_CHECKING:
     from .config import ConfigError, TrainingConfig
     from .ema import ExponentialMovingAverage
     from .loggers import ConsoleLogger, Logger, TensorBoardLogger
-    from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+    from .rng import seed_everything
+    from .signals import TrainingInterrupted
+    from .trainer import NonFiniteLossError, Trainer
 
 
 def __getattr__(name: str) -> Any:

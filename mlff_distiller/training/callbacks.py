@@ -1,12 +1,30 @@
 """Callbacks: the few named hooks through which later features (preemption, distillation schedules,
-custom metrics) join the loop without editing it."""
+custom metrics) join the loop without editing it.
+
+Subclassing :class:`Callback` is optional: the Trainer calls whichever of these hooks an object defines.
+That is how a ``loss_fn`` follows the run (a loss whose terms switch on at some optimizer step defines
+``on_optimizer_step`` and reads ``trainer.global_step``) without importing this package.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .trainer import Trainer
+
+HOOKS = (
+    "on_fit_start",
+    "on_train_epoch_start",
+    "on_train_batch_end",
+    "on_optimizer_step",
+    "on_validation_end",
+    "on_train_epoch_end",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+    "on_fit_end",
+)
 
 
 class Callback:
@@ -28,7 +46,8 @@ class Callback:
     def on_optimizer_step(self, trainer: Trainer) -> None:
         """After each optimizer step; ``trainer.global_step`` already counts it.
 
-        Setting ``trainer.should_stop = True`` here ends training after this step.
+        Setting ``trainer.should_stop = True`` here ends training after this step (the epoch is then
+        validated and saved as the last one).
         """
 
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
@@ -51,3 +70,25 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def has_hooks(obj: Any) -> bool:
+    """Whether ``obj`` takes part in the loop as a callback (a :class:`Callback`, or it defines a hook)."""
+    return isinstance(obj, Callback) or any(callable(getattr(obj, hook, None)) for hook in HOOKS)
+
+
+def named_callbacks(callbacks: Sequence[Any] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Callbacks by name (a checkpoint stores each one's state under it): a dict's own names, else class
+    names, numbered from the second of a class on (``Recorder``, ``Recorder_2``)."""
+    if callbacks is None:
+        return {}
+    if isinstance(callbacks, Mapping):
+        return dict(callbacks)
+    named: dict[str, Any] = {}
+    for callback in callbacks:
+        name, index = type(callback).__name__, 1
+        while name in named:
+            index += 1
+            name = f"{type(callback).__name__}_{index}"
+        named[name] = callback
+    return named

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, retention, safe loads, RNG capture, and model-weight loading.
+"""Checkpoint files and directories: atomic writes, safe loads, model weights, and a run's directory (its lock,
+the rotation of its files, the refusal of another run's files and of non-finite weights).
 
 A checkpoint is one plain dict (tensors, numbers, strings, lists, dicts) so that it loads with
 ``torch.load(weights_only=True)``: no pickled objects, nothing executed on load.
@@ -11,22 +12,24 @@ old one, and copies are hard links made the same way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .config import RESUMABLE_CHANGES, ConfigError, resume_differences
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,26 @@ def config_fingerprint(config: dict[str, Any], ignore: frozenset[str] | set[str]
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], source: str, strict: bool) -> None:
+    """Refuse (``strict``) or warn about a checkpoint whose training config differs from the current one in a
+    field outside ``RESUMABLE_CHANGES`` (the one list of what may change on resume)."""
+    differences = resume_differences(saved, current)
+    if differences and strict:
+        raise CheckpointError(
+            f"Checkpoint {source!r} was written with a different training config (fingerprint "
+            f"{config_fingerprint(saved, RESUMABLE_CHANGES)}, now {config_fingerprint(current, RESUMABLE_CHANGES)}: "
+            + "; ".join(differences)
+            + "). Resume with the same config, or pass strict_config=False to accept the change."
+        )
+    if differences:
+        log.warning(
+            "Resuming %s with a changed config: %s. The optimizer and scheduler continue from the checkpoint's "
+            "state (its learning rates included).",
+            source,
+            "; ".join(differences),
+        )
+
+
 def _fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not every platform can open a directory.
     try:
@@ -246,41 +269,99 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str], use_ema: 
     return model
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Every global RNG the training loop draws from, as plain data."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:
-        return state
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {
-        "name": name,
-        "keys": torch.from_numpy(keys.astype("int64")),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "gauss": float(gauss),
-    }
-    return state
+def check_finite_weights(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse to write ``path`` when a model or EMA weight of ``state`` is NaN or infinite."""
+    tensors = dict(state["model"])
+    if state.get("ema"):
+        tensors.update({f"ema.{k}": v for k, v in state["ema"]["shadow"].items()})
+    floats = {k: v for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):
+        return
+    bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
+    raise CheckpointError(
+        f"Refusing to write checkpoint {str(path)!r}: non-finite values in {bad[:5]}"
+        + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        + ". The previous checkpoint is kept; lower the learning rate or enable grad_clip."
+    )
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
+class CheckpointDir:
+    """The checkpoint directory of one run: held exclusively while the run writes, never mixed with another
+    run's files, and rotated so that the newest complete state is never lost (see the module docstring)."""
 
-        s = state["numpy"]
-        np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
+    def __init__(self, path: str | os.PathLike[str], keep_last: int = 0) -> None:
+        self.path = Path(path)
+        self.keep_last = keep_last
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the directory so that two live runs never write into it."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                # lockf (a POSIX record lock), not flock: forked DataLoader workers do not inherit it.
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                raise ConfigError(
+                    f"checkpoint_dir={str(self.path)!r} is in use by another running training process (pid "
+                    f"{owner}); two runs must not share a checkpoint directory. Choose another checkpoint_dir, "
+                    "or wait for that run to end."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
-def _to_lists(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_to_lists(v) for v in value]
-    return value
+    def prepare(self, continuing: bool, resumed_from: str | None = None) -> None:
+        """Remove the temporary files of writes a killed run never finished; unless the run is ``continuing``
+        (resumed, training further, or allowed to overwrite), refuse a directory holding checkpoints. A run
+        resumed from a file in another directory brings that run's best model along (:meth:`adopt_best`)."""
+        removed = remove_stale_temporaries(self.path)
+        if removed:
+            log.warning("Removed %d unfinished checkpoint write(s) of a killed run: %s", len(removed), removed)
+        if resumed_from is not None and Path(resumed_from).is_file():
+            self.adopt_best(Path(resumed_from))
+        if continuing:
+            return
+        existing = [p.name for p in (self.path / LAST, self.path / PREVIOUS, self.path / BEST) if p.exists()]
+        existing += [p.name for p in epoch_checkpoints(self.path)]
+        if existing:
+            raise ConfigError(
+                f"checkpoint_dir={str(self.path)!r} already holds {existing} from another run. "
+                "Resume it with trainer.load_checkpoint(path) before fit(), choose another checkpoint_dir, "
+                "or set overwrite_checkpoints=True."
+            )
+
+    def adopt_best(self, resumed_from: Path) -> None:
+        """A run resumed from a checkpoint in another directory brings that run's best model along, so that
+        the best so far is here even if no later epoch improves on it."""
+        source = resumed_from.parent / BEST
+        if source.is_file():
+            self.path.mkdir(parents=True, exist_ok=True)
+            link_checkpoint(source, self.path / BEST)
+
+    def write(self, state: dict[str, Any], best: bool, epoch: int | None) -> Path:
+        """Write ``state`` as ``last.pt`` (the old one becomes ``previous.pt``), as ``best_model.pt`` when
+        ``best``, and as ``epoch_NNNN.pt`` for an epoch end (``epoch``) when ``keep_last``; returns last.pt."""
+        last = self.path / LAST
+        check_finite_weights(state, last)
+        if last.is_file():
+            link_checkpoint(last, self.path / PREVIOUS)
+        # best_model.pt and epoch_NNNN.pt get the new state before last.pt does: a kill in between
+        # leaves last.pt older than them, and the resumed run redoes (and relinks) that epoch.
+        links = [self.path / BEST] if best else []
+        if epoch is not None and self.keep_last > 0:
+            links.append(self.path / f"epoch_{epoch:04d}.pt")
+        save_checkpoint(state, last, links=links)
+        if epoch is not None and self.keep_last > 0:
+            for old in epoch_checkpoints(self.path)[: -self.keep_last]:  # only after the new one is complete
+                old.unlink(missing_ok=True)
+        return last

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -17,6 +18,29 @@ MIXED_PRECISION = ("off", "bf16", "fp16")
 MODES = ("min", "max")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 SCHEDULER_INTERVALS = ("epoch", "step")
+SCHEDULER_HORIZONS = ("max_epochs", "max_time")
+
+# Fields that may differ between an interrupted run and its continuation (``Trainer.load_state_dict``,
+# ``mlff-train ckpt_path=...``): how long to train, where and how often to write, when to stop early.
+# Any other difference changes the optimisation itself and is refused unless explicitly allowed.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_epochs",
+        "max_time",
+        "checkpoint_dir",
+        "overwrite_checkpoints",
+        "log_interval",
+        "val_interval",
+        "early_stopping_patience",
+        "early_stopping_min_delta",
+        "max_nonfinite_steps",
+        "keep_last",
+        "checkpoint_every_n_steps",
+        "handle_signals",
+        "device",
+        "extra",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -36,6 +60,10 @@ class TrainingConfig:
 
     max_epochs: int = 100
     """Number of passes over the training data."""
+    max_time: Optional[float] = None
+    """Wall-clock budget in seconds (all of ``fit()``: training, validation, checkpoints; summed over resumed
+    runs). Once spent, training stops after the current optimizer step: that epoch is validated, saved and
+    counted as the last one. None: no limit."""
     batch_size: int = 32
     """Structures per batch; used by data builders (the Trainer warns when its loader disagrees)."""
     learning_rate: float = 1e-3
@@ -52,6 +80,10 @@ class TrainingConfig:
     """One of ``cosine``, ``step``, ``plateau``, ``none``; None when the scheduler is passed to the Trainer."""
     scheduler_interval: str = "epoch"
     """When cosine/step schedulers advance: once per ``epoch`` or per optimizer ``step``."""
+    scheduler_horizon: str = "max_epochs"
+    """What a cosine schedule anneals over: ``max_epochs`` (that many epochs, or their optimizer steps with
+    ``scheduler_interval='step'``) or ``max_time`` (the share of the time budget spent, read at every
+    interval; the learning rate then depends on the machine's speed)."""
     step_size: int = 30
     """Step scheduler: multiply the learning rate by ``gamma`` every ``step_size`` intervals."""
     gamma: float = 0.1
@@ -159,12 +191,15 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or value <= 0):
                 _fail(name, value, "a number > 0 or None")
+        if self.max_time is not None and (not _is_number(self.max_time) or self.max_time <= 0):
+            _fail("max_time", self.max_time, "a number of seconds > 0 or None")
         if self.ema_decay is not None and (not _is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
             _fail("ema_decay", self.ema_decay, "a number in (0, 1) or None")
         choices = {
             "optimizer": OPTIMIZERS,
             "lr_scheduler": LR_SCHEDULERS,
             "scheduler_interval": SCHEDULER_INTERVALS,
+            "scheduler_horizon": SCHEDULER_HORIZONS,
             "mixed_precision": MIXED_PRECISION,
             "mode": MODES,
         }
@@ -180,6 +215,12 @@ class TrainingConfig:
                     + ", ".join(repr(a) for a in accepted)
                     + (" or None (given to the Trainer)" if name in ("optimizer", "lr_scheduler") else ""),
                 )
+        if self.scheduler_horizon == "max_time" and self.max_time is None:
+            _fail(
+                "scheduler_horizon",
+                self.scheduler_horizon,
+                "'max_epochs' when max_time is None (no budget to anneal over)",
+            )
         if self.nesterov and self.optimizer == "sgd" and self.momentum <= 0:
             _fail("nesterov", self.nesterov, "False when momentum is 0")
         if not isinstance(self.monitor, str) or "/" not in self.monitor and self.monitor != "lr":
@@ -200,6 +241,27 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def coerce(cls, config: TrainingConfig | dict[str, Any] | None) -> TrainingConfig:
+        """``config`` itself, one built from a mapping of fields, or the defaults for None."""
+        if config is None:
+            return cls()
+        if isinstance(config, Mapping):
+            return cls.from_dict(dict(config))
+        if not isinstance(config, cls):
+            raise ConfigError(
+                f"config must be a TrainingConfig or a mapping of its fields, not {type(config).__name__}."
+            )
+        return config
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default value."""
+        return {
+            f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls)
+        }
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
         """Build from a mapping, rejecting unknown keys with the list of accepted ones."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -207,6 +269,18 @@ class TrainingConfig:
         if unknown:
             raise ConfigError(f"Unknown TrainingConfig field(s) {unknown}; accepted fields are {sorted(names)}.")
         return cls(**values)
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"field: checkpoint X, now Y"`` for every field outside :data:`RESUMABLE_CHANGES` that differs between
+    a saved config (``TrainingConfig.to_dict()``) and the current one; a field the saved run did not have yet
+    counts as its default."""
+    saved = {**TrainingConfig.defaults(), **saved}
+    return [
+        f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
+        for name in sorted(set(saved) | set(current))
+        if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name)
+    ]
 
 
 def _is_number(value: Any) -> bool:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .batches import safe_len
 from .callbacks import Callback
 
 if TYPE_CHECKING:
@@ -68,16 +70,28 @@ class TensorBoardLogger(Logger):
 
 
 class ConsoleLogger(Logger):
-    """A rich progress bar over each epoch's batches and, optionally, one summary line per epoch."""
+    """A rich progress bar over each epoch's batches and, optionally, one compact row per epoch.
 
-    def __init__(self, progress_bar: bool = True, print_epochs: bool = True) -> None:
+    A row holds the epoch, ``metrics`` (those present), the monitored metric (``*``: it improved, a new
+    best model), the learning rate and the epoch's wall time; every metric stays in the other loggers,
+    the history and the log file.
+    """
+
+    def __init__(
+        self, progress_bar: bool = True, print_epochs: bool = True, metrics: Sequence[str] = ("train/loss", "val/loss")
+    ) -> None:
         self.progress_bar = progress_bar
         self.print_epochs = print_epochs
+        self.metrics = tuple(metrics)
         self._progress: Any = None
         self._task: Any = None
+        self._header_shown = False
         from rich.console import Console
 
         self.console = Console(stderr=True)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._header_shown = False
 
     def on_train_epoch_start(self, trainer: Trainer) -> None:
         if not self.progress_bar or not self.console.is_terminal:
@@ -93,7 +107,7 @@ class ConsoleLogger(Logger):
             console=self.console,
             transient=True,
         )
-        total = _safe_len(trainer.train_loader)
+        total = safe_len(trainer.train_loader)
         self._task = self._progress.add_task("train", total=total, epoch=trainer.epoch + 1, loss="")
         self._progress.start()
 
@@ -107,11 +121,25 @@ class ConsoleLogger(Logger):
 
     def on_train_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self._stop_progress()
-        if self.print_epochs:
-            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch")
+        if not self.print_epochs:
+            return
+        names = [*dict.fromkeys([*self.metrics, trainer.monitor]), "lr"]
+        widths = [max(len(name), 10) for name in names]
+        if not self._header_shown:
+            self._header_shown = True
+            header = "  ".join(name.ljust(width) for name, width in zip(names, widths))
             self.console.print(
-                f"epoch {trainer.epoch}/{trainer.config.max_epochs}: {shown}", highlight=False, soft_wrap=True
+                f"{'epoch':<9}  {header}  time   (* new best {trainer.monitor})", highlight=False, soft_wrap=True
             )
+        cells = []
+        for name, width in zip(names, widths):
+            cell = _fmt(metrics[name]) if name in metrics else "-"
+            if name == trainer.monitor and trainer.best_epoch == trainer.epoch and name in metrics:
+                cell += " *"
+            cells.append(cell.ljust(width))
+        epoch = f"{trainer.epoch}/{trainer.config.max_epochs}"
+        time_s = _fmt(metrics.get("epoch_time_s", math.nan))
+        self.console.print(f"{epoch:<9}  {'  '.join(cells)}  {time_s} s", highlight=False, soft_wrap=True)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self._stop_progress()
@@ -124,10 +152,3 @@ class ConsoleLogger(Logger):
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
-
-
-def _safe_len(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None

@@ -89,3 +89,29 @@ class MetricSums:
         out.sums = {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in state["sums"].items()}
         out.roots = set(state.get("roots", ()))
         return out
+
+
+def detached(terms: Mapping[str, Any]) -> dict[str, Any]:
+    """Loss terms without their graphs, in float32 at least (callbacks and sums never see half precision)."""
+
+    def upcast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    return {k: type(v)(*map(upcast, v)) if isinstance(v, Mean) else v.detach().float() for k, v in terms.items()}
+
+
+def loss_terms(out: Any, device: torch.device) -> dict[str, Any]:
+    """What a loss returned as named terms: a tensor is the ``loss``; a dict must hold a ``loss`` entry (its
+    numbers become tensors, :class:`Mean` terms stay as they are)."""
+    if isinstance(out, torch.Tensor):
+        return {"loss": out}
+    if isinstance(out, Mapping) and "loss" in out:
+        return {
+            k: v if isinstance(v, (torch.Tensor, Mean)) else torch.as_tensor(v, device=device) for k, v in out.items()
+        }
+    raise TypeError(
+        f"The loss must be a Tensor or a dict with a 'loss' entry; got {type(out).__name__}"
+        + (f" with keys {sorted(out)}" if isinstance(out, Mapping) else "")
+        + "."
+    )

@@ -3,6 +3,9 @@ choice of rows, the switch-on step, gradients reaching the weights, and the metr
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +142,49 @@ def test_batches_without_rows_and_bad_options():
         EnergyForceHessianLoss(hessian_rows=0)
     with pytest.raises(ValueError, match="hessian_weight=-1"):
         EnergyForceHessianLoss(hessian_weight=-1)
+
+
+def test_through_the_trainer_the_term_follows_global_step_and_its_draws_are_checkpointed(tmp_path):
+    """Given to the Trainer as loss_fn (its callback hooks are called), the term switches on at optimizer step
+    hessian_start_step; the row-draw counter is saved with the checkpoint and restored on resume."""
+    from mlff_distiller.training import Callback, Trainer, TrainingConfig
+
+    batches = [_batch([[2, 17], [4]], seed=0), _batch([[3], [0, 8]], seed=1)] * 2  # 4 steps per epoch
+    seen: list[bool] = []
+
+    class Terms(Callback):
+        def on_train_batch_end(self, trainer, batch_index, terms):
+            seen.append("hessian_loss" in terms)
+
+    def trainer(loss, max_epochs):
+        config = TrainingConfig(
+            max_epochs=max_epochs, learning_rate=1e-3, checkpoint_dir=str(tmp_path), device="cpu", batch_size=2
+        )
+        return Trainer(_model(), batches, config=config, loss_fn=loss, callbacks=[Terms()], loggers=[])
+
+    loss = EnergyForceHessianLoss(energy_weight=1.0, force_weight=10.0, hessian_start_step=2)
+    trainer(loss, max_epochs=1).fit()
+    assert seen == [False, False, True, True]  # steps 0, 1 without the term; from step 2 on with it
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["callbacks"]["loss_fn"] == {"calls": 2}
+
+    resumed_loss = EnergyForceHessianLoss(energy_weight=1.0, force_weight=10.0, hessian_start_step=2)
+    resumed = trainer(resumed_loss, max_epochs=2)
+    resumed.load_checkpoint(tmp_path / "last.pt")
+    assert (resumed_loss.calls, resumed.global_step) == (2, 4)
+    resumed.fit()
+    assert resumed_loss.step == 8 and resumed_loss.calls == 6 and seen[4:] == [True] * 4
+
+
+def test_losses_import_nothing_of_the_trainer():
+    """Losses know nothing of training: no module of mlff_distiller.losses imports mlff_distiller.training, except
+    the exact-metric term types (training.metrics: Mean, RootMean), which are what a loss returns to any loop."""
+    package = Path(__file__).resolve().parents[2] / "mlff_distiller" / "losses"
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(("." * node.level) + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    allowed = {"..training.metrics", "mlff_distiller.training.metrics"}
+    assert imported and not [name for name in imported if "training" in name and name not in allowed], sorted(imported)

@@ -41,7 +41,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def assert_same_weights(a: Path, b: Path) -> float:
     first, second = load_checkpoint_file(a), load_checkpoint_file(b)
     assert first["global_step"] == second["global_step"]
-    # double(): the state holds a bool buffer (trained_elements), which torch cannot subtract
+    # In float64: a model's non-float buffers (the bool trained_elements) take part in the comparison too.
     diff = max((first["model"][k].double() - second["model"][k].double()).abs().max().item() for k in first["model"])
     assert diff <= 1e-6
     return diff
@@ -125,7 +125,7 @@ def test_runs_started_in_the_same_second_get_their_own_directory():
     """The run directory's name carries microseconds (Hydra's default has whole seconds)."""
     from hydra import compose, initialize_config_module
 
-    import mlff_distiller.train  # noqa: F401  (registers the trainer schema that conf/trainer/default.yaml extends)
+    import mlff_distiller.train  # noqa: F401  (registers the trainer schema that conf/trainer/default.yaml names)
     from mlff_distiller.cli import run_stamp as _run_stamp
 
     stamps = {_run_stamp() for _ in range(50)}

@@ -277,3 +277,24 @@ def test_load_model_weights_for_inference(tmp_path):
     assert load_model_weights(fresh, tmp_path / "last.pt", use_ema=False) is fresh
     for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_evaluate_checkpoint_reads_only_the_weights(tmp_path):
+    """evaluate_checkpoint(best_model.pt) gives the metrics of that checkpoint's EMA weights, even from a trainer
+    whose config could not resume it (another learning rate), and leaves that trainer's weights and state alone."""
+    train, val = _loaders()
+    make_trainer(mlp(), train, val, max_epochs=3, checkpoint_dir=str(tmp_path), ema_decay=0.5).fit()
+    best = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    reference = load_model_weights(mlp(seed=5), tmp_path / "best_model.pt")  # EMA weights
+    x, y = regression_data(n=16, seed=1)
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(reference(x), y).item()
+
+    other = make_trainer(mlp(seed=3), train, val, max_epochs=3, learning_rate=0.5, ema_decay=0.5)
+    own = clone_state(other.model)
+    metrics = other.evaluate_checkpoint(tmp_path / "best_model.pt", val, prefix="test")
+    assert metrics == {"test/loss": pytest.approx(expected, rel=1e-6)}
+    assert best["ema"] and not torch.equal(best["ema"]["shadow"]["0.weight"], best["model"]["0.weight"])
+    assert (other.epoch, other.global_step, other.best_metric) == (0, 0, None)
+    for name, tensor in other.model.state_dict().items():
+        assert torch.equal(tensor, own[name]), name

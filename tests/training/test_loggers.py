@@ -83,20 +83,27 @@ def test_logger_skipped_validation_epochs_log_no_val_metrics():
 
 
 @pytest.mark.parametrize("terminal", [False, True])
-def test_console_logger_prints_one_line_per_epoch(terminal):
-    """ConsoleLogger prints 'epoch i/N: ...' with the epoch metrics (and runs its progress bar on a terminal)."""
+def test_console_logger_prints_a_compact_row_per_epoch(terminal):
+    """One header, then one short row per epoch: train and val loss, the monitored metric (``*`` when it
+    improved), lr and time; the other metrics (throughput, ...) stay out of it. On a terminal a progress bar
+    runs over the batches."""
     train, val = _loaders()
     console_logger = ConsoleLogger()
     buffer = io.StringIO()
     console_logger.console = Console(file=buffer, width=300, force_terminal=terminal, color_system=None)
-    history = make_trainer(linear_model(), train, val, max_epochs=2, loggers=[console_logger]).fit()
-    output = buffer.getvalue()
-    lines = re.findall(r"epoch \d+/\d+: [^\n]*", output)
-    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    trainer = make_trainer(linear_model(), train, val, max_epochs=3, loggers=[console_logger], monitor="val/loss")
+    history = trainer.fit()
+    output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", buffer.getvalue())  # without the progress bar's controls
+    rows = re.findall(r"^\d+/3 .*$", output, flags=re.MULTILINE)
+    assert [row.split()[0] for row in rows] == ["1/3", "2/3", "3/3"]
+    assert output.count("train/loss") == 1 and "(* new best val/loss)" in output  # the header, once
     assert ("5/5" in output) is terminal  # the progress bar (batches done / total) only on a terminal
-    assert f"train/loss {history['train/loss'][1]:.4g}" in lines[1]
-    assert f"val/loss {history['val/loss'][1]:.4g}" in lines[1]
-    assert f"lr {0.05:.4g}" in lines[0]
+    for epoch, row in enumerate(rows):
+        cells = row.split()
+        assert cells[1] == f"{history['train/loss'][epoch]:.4g}" and cells[2] == f"{history['val/loss'][epoch]:.4g}"
+        assert cells[-2:] == [f"{history['epoch_time_s'][epoch]:.4g}", "s"] and f"{history['lr'][epoch]:.4g}" in row
+        assert ("*" in row) is (min(history["val/loss"][: epoch + 1]) == history["val/loss"][epoch])
+        assert len(row) < 80 and "samples_per_s" not in output
 
 
 def test_console_logger_is_the_default_and_can_stay_quiet(capsys):
@@ -107,10 +114,22 @@ def test_console_logger_is_the_default_and_can_stay_quiet(capsys):
     assert [type(lg) for lg in trainer.loggers] == [ConsoleLogger]
     trainer.fit()
     err = capsys.readouterr().err
-    assert "epoch 1/2:" in err and "epoch 2/2:" in err
+    assert re.search(r"^1/2 ", err, flags=re.MULTILINE) and re.search(r"^2/2 ", err, flags=re.MULTILINE)
 
     quiet = Trainer(
         linear_model(), train, val, config=config, loggers=[ConsoleLogger(progress_bar=False, print_epochs=False)]
     )
     quiet.fit()
-    assert "epoch" not in capsys.readouterr().err
+    assert "/2" not in capsys.readouterr().err
+
+
+def test_every_metric_of_every_epoch_goes_to_the_epoch_log(caplog):
+    """The full set (throughput and epoch time included) is logged once per epoch for the log file."""
+    train, val = _loaders()
+    with caplog.at_level("INFO", logger="mlff_distiller.training.trainer.epochs"):
+        history = make_trainer(linear_model(), train, val, max_epochs=2).fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlff_distiller.training.trainer.epochs"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    for name in history:
+        if name != "epoch":
+            assert f"{name} " in lines[1], name

@@ -1,4 +1,5 @@
-"""Optimizers, learning-rate schedulers and linear warmup, observed through the Trainer."""
+"""Optimizers, learning-rate schedulers (one path: names and partials, the horizon set by the Trainer, a
+time budget) and linear warmup, observed through the Trainer."""
 
 from __future__ import annotations
 
@@ -18,8 +19,16 @@ from trainer_testkit import (
     regression_data,
 )
 
-from mlff_distiller.training import Callback
-from mlff_distiller.training.optim import Warmup, build_optimizer, build_scheduler
+from mlff_distiller.training import Callback, ConfigError
+from mlff_distiller.training import trainer as trainer_module
+from mlff_distiller.training.optim import (
+    TIME_TICKS,
+    Warmup,
+    build_scheduler,
+    optimizer_factory,
+    scheduler_factory,
+    time_tick,
+)
 
 
 def _loaders(n_train=32, batch_size=8):
@@ -39,10 +48,13 @@ def _record_step_lrs(trainer):
 @pytest.mark.parametrize(
     ("name", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)]
 )
-def test_build_optimizer_type_and_hyperparameters(name, cls):
-    """build_optimizer returns the named class with the configured lr / weight_decay (and SGD momentum)."""
+def test_optimizer_names_are_partials_of_the_named_class(name, cls):
+    """optimizer_factory(config) is a partial of the named class with the configured lr / weight_decay (and
+    SGD momentum and nesterov), the same kind of factory the command line's optimizer group gives."""
     config = make_config(optimizer=name, learning_rate=0.0123, weight_decay=0.0456, momentum=0.7, nesterov=True)
-    optimizer = build_optimizer(config, linear_model().parameters())
+    factory = optimizer_factory(config)
+    assert isinstance(factory, functools.partial) and factory.func is cls
+    optimizer = factory(linear_model().parameters())
     group = optimizer.param_groups[0]
     assert type(optimizer) is cls
     assert group["lr"] == 0.0123
@@ -75,14 +87,47 @@ def test_trainer_accepts_scheduler_factory():
     assert history["lr"] == pytest.approx([0.08, 0.04, 0.02, 0.01], rel=1e-12)
 
 
-def test_build_scheduler_types():
-    """Each lr_scheduler name builds the matching torch scheduler (none: no scheduler)."""
+def test_scheduler_names_are_partials_and_the_trainer_sets_the_cosine_horizon():
+    """Each lr_scheduler name is a partial of the matching torch scheduler (none: no scheduler); a cosine
+    partial gets T_max = the number of times the Trainer will step it, however it was configured."""
     params = list(linear_model().parameters())
     expected = {"cosine": CosineAnnealingLR, "step": StepLR, "plateau": ReduceLROnPlateau}
     for name, cls in expected.items():
-        scheduler = build_scheduler(make_config(lr_scheduler=name), torch.optim.SGD(params, lr=0.1), 5)
-        assert type(scheduler) is cls
-    assert build_scheduler(make_config(lr_scheduler="none"), torch.optim.SGD(params, lr=0.1), 5) is None
+        factory = scheduler_factory(make_config(lr_scheduler=name))
+        assert factory.func is cls and "T_max" not in factory.keywords
+        assert type(build_scheduler(factory, torch.optim.SGD(params, lr=0.1), 17)) is cls
+    assert scheduler_factory(make_config(lr_scheduler="none")) is None
+    cosine = build_scheduler(functools.partial(CosineAnnealingLR, eta_min=0.0), torch.optim.SGD(params, lr=0.1), 17)
+    assert cosine.T_max == 17
+    train, _ = _loaders(n_train=40, batch_size=8)  # 5 optimizer steps per epoch
+    per_step = make_trainer(
+        linear_model(), train, scheduler_factory=functools.partial(CosineAnnealingLR), scheduler_interval="step"
+    )
+    assert per_step.scheduler.T_max == 3 * 5  # max_epochs x steps per epoch
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (functools.partial(CosineAnnealingLR, T_max=4), r"sets T_max=4, but its horizon is set by the Trainer"),
+        (functools.partial(CosineAnnealingLR, eta_mn=0.0), r"has no argument 'eta_mn' .*accepted: T_max, eta_min"),
+        (functools.partial(StepLR, step_size=2, gama=0.5), r"StepLR has no argument 'gama'"),
+    ],
+)
+def test_a_misconfigured_scheduler_partial_is_an_error_naming_the_key(factory, message):
+    train, _ = _loaders()
+    with pytest.raises(ConfigError, match=message):
+        make_trainer(linear_model(), train, scheduler_factory=factory)
+    with pytest.raises(ConfigError, match=r"Adam has no argument 'betas_typo'"):
+        make_trainer(linear_model(), train, optimizer_factory=functools.partial(torch.optim.Adam, betas_typo=1))
+
+
+def test_a_per_step_cosine_over_a_loader_without_length_is_refused():
+    """The horizon of a per-step cosine needs the number of steps per epoch."""
+    x, y = regression_data(n=16)
+    batches = iter([(x[:8], y[:8]), (x[8:], y[8:])])  # no __len__
+    with pytest.raises(ConfigError, match=r"scheduler_interval='step' needs a train_loader with a length"):
+        make_trainer(linear_model(), batches, lr_scheduler="cosine", scheduler_interval="step")
 
 
 # ------------------------------------------------------------------------- schedules
@@ -259,3 +304,90 @@ def test_warmup_with_per_step_cosine():
     expected = [cosine_lr(0.1, 0.0, s, 8) * min(1.0, (s + 1) / 5) for s in range(8)]
     assert step_lrs == pytest.approx(expected, rel=1e-9)
     assert current == pytest.approx(expected, rel=1e-9)
+
+
+# ------------------------------------------------------------------------- time budget (max_time)
+class FakeClock:
+    """Stands in for the Trainer's monotonic clock: one second passes with every optimizer step."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tick(Callback):
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_optimizer_step(self, trainer):
+        self.clock.now += 1.0
+
+
+def _timed_trainer(monkeypatch, clock, directory, **config):
+    monkeypatch.setattr(trainer_module, "monotonic", clock)
+    train, val = _loaders(n_train=32, batch_size=8)  # 4 steps per epoch
+    options = dict(max_epochs=50, checkpoint_dir=str(directory), learning_rate=0.1, **config)
+    return make_trainer(linear_model(), train, val, callbacks=[Tick(clock)], **options)
+
+
+def test_max_time_stops_after_the_step_that_spends_it_then_validates_and_saves(tmp_path, monkeypatch):
+    """max_time=5.5 s at 1 s per step: the run stops after step 6 (epoch 2, batch 2); that epoch is validated
+    and saved as the last one. Resumed with the same budget nothing more happens; with 9.5 s it trains on to
+    step 10, the budget counting the first run's 6 s."""
+    clock = FakeClock()
+    trainer = _timed_trainer(monkeypatch, clock, tmp_path, max_time=5.5)
+    history = trainer.fit()
+    assert (trainer.global_step, trainer.epoch, history["epoch"]) == (6, 2, [1.0, 2.0])
+    assert not math.isnan(history["val/loss"][-1])
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"], saved["epoch_progress"]) == (6, 2, None)
+    assert saved["elapsed_s"] == pytest.approx(6.0)
+
+    same = _timed_trainer(monkeypatch, clock, tmp_path, max_time=5.5)
+    same.load_checkpoint(tmp_path / "last.pt")
+    same.fit()
+    assert (same.global_step, same.epoch) == (6, 2)
+
+    longer = _timed_trainer(monkeypatch, clock, tmp_path, max_time=9.5)
+    longer.load_checkpoint(tmp_path / "last.pt")
+    longer.fit()
+    assert (longer.global_step, longer.epoch, longer.history["epoch"]) == (10, 3, [1.0, 2.0, 3.0])
+
+
+def test_time_tick_follows_the_share_of_the_budget_spent():
+    assert [time_tick(t, 8.0) for t in (0, 1, 4, 8, 9)] == [0, 125, 500, TIME_TICKS, TIME_TICKS]
+    # Re-anchored at tick 500 after 4 s (a budget raised to 12 s): the rest of the ticks span the rest of it.
+    assert [time_tick(t, 12.0, (500, 4.0)) for t in (4, 8, 12)] == [500, 750, TIME_TICKS]
+
+
+def test_cosine_annealed_over_max_time(tmp_path, monkeypatch):
+    """scheduler_horizon='max_time': the lr of step s is the cosine at the budget share spent before it (s/8
+    of 8 s), non-increasing, at min_lr when the budget ends. Resumed halfway with the budget raised to 12 s,
+    the schedule goes on from where it stood and reaches min_lr at the new end."""
+    options = dict(lr_scheduler="cosine", scheduler_horizon="max_time", scheduler_interval="step", min_lr=0.01)
+    clock = FakeClock()
+    trainer = _timed_trainer(monkeypatch, clock, tmp_path / "straight", max_time=8.0, **options)
+    lrs = _record_step_lrs(trainer)
+    trainer.fit()
+    assert trainer.global_step == 8
+    assert lrs == pytest.approx([cosine_lr(0.1, 0.01, s, 8) for s in range(8)], rel=1e-7)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01, rel=1e-7)
+
+    half = _timed_trainer(monkeypatch, clock, tmp_path / "half", max_time=4.0, **options)
+    half.fit()
+    longer = _timed_trainer(monkeypatch, clock, tmp_path / "half", max_time=12.0, **options)
+    longer.load_checkpoint(tmp_path / "half" / "last.pt")
+    resumed_lrs = _record_step_lrs(longer)
+    longer.fit()
+    assert longer.global_step == 12
+    assert all(a >= b for a, b in zip(resumed_lrs, resumed_lrs[1:]))
+    assert resumed_lrs[0] < 0.1 and longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01, rel=1e-7)
+
+
+@pytest.mark.parametrize("options", [{"lr_scheduler": "step"}, {"lr_scheduler": "none"}])
+def test_max_time_horizon_needs_a_cosine(options):
+    train, _ = _loaders()
+    with pytest.raises(ConfigError, match=r"scheduler_horizon='max_time' is invalid here"):
+        make_trainer(linear_model(), train, max_time=10.0, scheduler_horizon="max_time", **options)
