@@ -135,13 +135,17 @@ class PairedEdges(NamedTuple):
 def pair_edges(batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> PairedEdges:
     """Pair every edge of ``batch`` with its reverse; ``vectors`` are the batch's edge vectors (E, 3).
 
-    An edge (i, j, S) is kept in the first half when i < j, or i == j and the shift S is
-    lexicographically positive (a periodic self-image); its reverse (j, i, -S) is found by sorting
-    integer keys. The pairing is checked exactly (one host sync, on the integer edge list); when it
-    fails, e.g. for a half list or a hand-made edge list, the edges are returned unpaired and unchanged.
+    Batches from the data pipeline come paired (``keys.NUM_EDGE_PAIRS``): their order is used as it is,
+    checked on the device without a host sync. Other edge lists are paired here: an edge (i, j, S) is
+    kept in the first half when i < j, or i == j and the shift S is lexicographically positive (a
+    periodic self-image); its reverse (j, i, -S) is found by sorting integer keys. That pairing is
+    checked exactly (one host sync, on the integer edge list); when it fails, e.g. for a half list or a
+    hand-made edge list, the edges are returned unpaired and unchanged.
     """
     edge_index = batch[keys.EDGE_INDEX]
     num_edges = edge_index.shape[1]
+    if keys.NUM_EDGE_PAIRS in batch:
+        return _pipeline_pairs(edge_index, batch[keys.CELL_SHIFTS], vectors)
     num_atoms = batch[keys.POSITIONS].shape[0]
     unpaired = PairedEdges(edge_index, vectors, False)
     if num_edges == 0 or num_edges % 2 or num_atoms > MAX_PAIRED_ATOMS:
@@ -170,13 +174,29 @@ def pair_edges(batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> Pair
     return PairedEdges(edge_index[:, permutation], vectors[forward], True)
 
 
+def _pipeline_pairs(edge_index: torch.Tensor, cell_shifts: torch.Tensor, vectors: torch.Tensor) -> PairedEdges:
+    """Edges already ordered in reverse pairs; an asynchronous check (no host sync) fails loudly if they are not."""
+    half = edge_index.shape[1] // 2
+    if 2 * half != edge_index.shape[1]:
+        raise ValueError(
+            f"The batch has {keys.NUM_EDGE_PAIRS!r} but an odd number of edges ({edge_index.shape[1]}): it is not "
+            f"a paired list. Drop {keys.NUM_EDGE_PAIRS!r} after editing the edges."
+        )
+    reversed_ok = (edge_index[:, half:] == edge_index[:, :half].flip(0)).all()
+    torch._assert_async(
+        reversed_ok & (cell_shifts[half:] == -cell_shifts[:half]).all(),
+        f"edges marked as paired ({keys.NUM_EDGE_PAIRS}) are not: edge k + E/2 must be edge k reversed",
+    )
+    return PairedEdges(edge_index, vectors[:half], True)
+
+
 def times_edge_filter(x: torch.Tensor, edge_filter: torch.Tensor) -> torch.Tensor:
     """``x`` (E, ...) times a per-edge filter: ``edge_filter`` has E rows, or E/2 for paired edges
     (:class:`PairedEdges`), where both halves of the list share the rows of the first."""
     rows = edge_filter.shape[0]
     if rows == x.shape[0]:
         return x * edge_filter
-    return (x.view(x.shape[0] // rows, rows, *x.shape[1:]) * edge_filter).view(x.shape)
+    return (x.view(2, rows, *x.shape[1:]) * edge_filter).view(x.shape)
 
 
 def init_linear_(module: nn.Module) -> None:
