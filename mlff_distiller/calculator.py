@@ -14,6 +14,7 @@ from torch import nn
 from .data import keys
 from .data.batch import collate_atoms
 from .data.dataset import atoms_to_graph
+from .memory import keep_freed_memory
 
 
 class StudentCalculator(Calculator):
@@ -21,7 +22,8 @@ class StudentCalculator(Calculator):
 
     ``StudentCalculator(model)`` wraps a model in memory; ``StudentCalculator.from_checkpoint(path)``
     rebuilds the student of any ``mlff-train`` run from its ``best_model.pt`` or ``last.pt``
-    (EMA weights when the run kept them).
+    (EMA weights when the run kept them). Creating one calls :func:`~mlff_distiller.memory.keep_freed_memory`
+    (the process keeps freed memory for reuse: large systems then cost no page faults per call).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -30,6 +32,7 @@ class StudentCalculator(Calculator):
         self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
+        keep_freed_memory()  # repeated calls reuse their large tensors (no page faults; see memory.py)
         if not hasattr(model, "cutoff"):
             raise TypeError(
                 f"{type(model).__name__} has no 'cutoff' attribute; StudentCalculator needs an "
