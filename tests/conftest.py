@@ -20,6 +20,11 @@ def pytest_addoption(parser):
         default=6,
         help="number of SIGKILLs in the reliability battery's kill sweep (CI: 6; the reported figure: 24)",
     )
+    parser.addoption(
+        "--inductor",
+        action="store_true",
+        help="also check the students' inductor-compiled path (model.compile=true; minutes of compilation)",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from torch import nn
 from ..data import keys
 from ..data.batch import edge_vectors
 from ..data.statistics import DatasetStatistics
+from .compiled import CompiledForward, compile_mode
 
 MAX_Z = 100
 
@@ -25,17 +26,26 @@ class AtomisticModel(nn.Module):
     With ``compute_stress`` the output also holds ``"stress"`` (S, 3, 3), eV/Å³, for periodic cells.
     ``statistics`` (optional) sets the buffers ``atomic_energies`` (eV per element), ``scale``
     (eV, force RMS) and ``avg_num_neighbors``; they are saved in the state dict, so a model rebuilt
-    without statistics and loaded from a checkpoint gets them back.
+    without statistics and loaded from a checkpoint gets them back. ``compile`` (false, true or
+    "inductor", "fx") runs energy, forces and stress as one traced graph, so that a force loss
+    needs only a first-order backward (see :mod:`~mlff_distiller.models.compiled`).
     """
 
     def __init__(
-        self, cutoff: float, statistics: DatasetStatistics | None = None, compute_stress: bool = False
+        self,
+        cutoff: float,
+        statistics: DatasetStatistics | None = None,
+        compute_stress: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if cutoff <= 0:
             raise ValueError(f"cutoff={cutoff} must be > 0 (Å).")
         self.cutoff = float(cutoff)
         self.compute_stress = compute_stress
+        mode = compile_mode(compile)
+        # Not a submodule and not in the state dict: compiled and eager models load each other's checkpoints.
+        self.compiled = CompiledForward(mode) if mode != "none" else None
         self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("avg_num_neighbors", torch.tensor(1.0))
@@ -56,6 +66,14 @@ class AtomisticModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.compiled is not None:
+            out = self.compiled(self, batch)
+            if out is not None:
+                return out
+        return self.eager_forward(batch)
+
+    def eager_forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``forward`` without the compiled graph (what the graph is traced from and checked against)."""
         with torch.enable_grad():  # forces need autograd, also when called under torch.no_grad()
             return self._energy_and_forces(batch)
 
