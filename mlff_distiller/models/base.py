@@ -43,14 +43,19 @@ class AtomisticModel(nn.Module):
             raise ValueError(f"cutoff={cutoff} must be > 0 (Å).")
         self.cutoff = float(cutoff)
         self.compute_stress = compute_stress
-        mode = compile_mode(compile)
-        # Not a submodule and not in the state dict: compiled and eager models load each other's checkpoints.
-        self.compiled = CompiledForward(mode) if mode != "none" else None
+        self.compiled: CompiledForward | None = None
+        self.set_compile(compile)
         self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("avg_num_neighbors", torch.tensor(1.0))
         if statistics is not None:
             self.set_statistics(statistics)
+
+    def set_compile(self, compile: bool | str) -> None:
+        """Switch the compiled path on (true, "inductor", "fx") or off (false); graphs are traced on first use."""
+        mode = compile_mode(compile)
+        # Not a submodule and not in the state dict: compiled and eager models load each other's checkpoints.
+        self.compiled = CompiledForward(mode) if mode != "none" else None
 
     def set_statistics(self, statistics: DatasetStatistics) -> None:
         with torch.no_grad():

@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 from atoms_testkit import cu_au_cell, make_batch, methane, small_model, to_item
 
+from mlff_distiller import StudentCalculator
 from mlff_distiller.data import keys
 from mlff_distiller.data.batch import collate_atoms
 from mlff_distiller.models import compiled
@@ -62,11 +64,23 @@ def test_the_traced_graph_equals_the_eager_model_in_float64(name):
     # Other sizes (atoms, edges, structures) reuse the graph: its sizes are symbolic.
     _assert_same(eager, traced, make_batch([cu_au_cell(2), cu_au_cell(3, gold=2), cu_au_cell(4)]))
     assert traced.compiled.traces == 1
-    if name == "schnet":  # one structure (an ASE calculator's call) gets its own graph, also in eval mode
-        eager.eval(), traced.eval()
-        _assert_same(eager, traced, make_batch([cu_au_cell(5)]))
-        assert traced.compiled.traces == 2
     assert copy.deepcopy(traced).compiled.graphs == {}  # a copy (e.g. StudentCalculator's) traces its own
+
+
+def test_a_compiled_calculator_gives_the_eager_numbers():
+    """One structure per call, eval mode, frozen weights: the graph an MD run uses."""
+    model = small_model("schnet")
+    atoms = cu_au_cell(5)
+    expected = StudentCalculator(model, dtype=torch.float64)
+    calculator = StudentCalculator(model, dtype=torch.float64, compile="fx")
+    assert model.compiled is None and calculator.model.compiled.mode == "fx"
+    for step in range(2):
+        atoms.positions[0, 0] += 0.01 * step
+        results = [calc.get_property(p, atoms) for calc in (expected, calculator) for p in ("energy", "forces")]
+        assert results[0] == pytest.approx(results[2], rel=1e-12)
+        np.testing.assert_allclose(results[3], results[1], rtol=1e-10, atol=1e-12)
+    assert calculator.model.compiled.traces == 1
+    assert StudentCalculator(calculator.model, compile=False).model.compiled is None
 
 
 def test_batches_the_graph_does_not_apply_to_run_eagerly_with_one_log_line(caplog):
