@@ -25,8 +25,8 @@ class StudentCalculator(Calculator):
     (EMA weights when the run kept them). Creating one calls :func:`~mlff_distiller.memory.keep_freed_memory`
     (the process keeps freed memory for reuse: large systems then cost no page faults per call).
     ``compile`` (true, "inductor", "fx" or false; None keeps the model's ``model.compile``) runs the
-    student as one compiled graph: about a minute to compile at the first call, then 2x faster calls
-    at 32-256 atoms in our measurements (``benchmarks/README.md``), worth it for MD runs.
+    student as one compiled graph: minutes to compile at the first call, then about 2x faster calls at
+    32-256 atoms in our measurements (``benchmarks/README.md``), worth it for long MD runs.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
