@@ -22,6 +22,12 @@ class StudentCalculator(Calculator):
     :class:`~mlff_distiller.md.potential.StudentPotential`, which reuses neighbour lists within a ``skin``
     (Å) as MD moves the atoms. A structure with an element the student was not trained on raises
     :class:`~mlff_distiller.models.base.UnknownElementError`.
+
+    Its potential calls :func:`~mlff_distiller.memory.keep_freed_memory` (the process keeps freed memory for
+    reuse: large systems then cost no page faults per call). ``compile`` (true, "inductor", "fx" or false;
+    None keeps the model's ``model.compile``) runs the student as one compiled graph: minutes to compile at
+    the first call, then about 2x faster calls at 32-256 atoms in our measurements (``benchmarks/README.md``),
+    worth it for long MD runs.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -32,6 +38,7 @@ class StudentCalculator(Calculator):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         skin: float = DEFAULT_SKIN,
+        compile: bool | str | None = None,
         **kwargs: Any,
     ) -> None:
         """``model``: a student (copied), or a :class:`StudentPotential` to share (used as it is)."""
@@ -40,6 +47,8 @@ class StudentCalculator(Calculator):
             self.potential = model
         else:
             self.potential = StudentPotential(model, device=device, dtype=dtype, skin=skin)
+        if compile is not None and hasattr(self.potential.model, "set_compile"):
+            self.potential.model.set_compile(compile)
 
     @property
     def model(self) -> nn.Module:

@@ -89,6 +89,9 @@ def train(cfg: DictConfig) -> float | None:
     from mlff_distiller.training import ConsoleLogger, Trainer, distributed, seed_everything
     from mlff_distiller.training.optim import check_factory
 
+    from mlff_distiller.memory import keep_freed_memory
+
+    keep_freed_memory()  # training steps reuse their large tensors instead of faulting in fresh pages each step
     # Under torchrun: join the process group (gloo on CPU, nccl on GPUs); only rank 0 writes files.
     distributed.init_from_env(training_config.device)
     training_config.device = distributed.local_device(training_config.device)

@@ -25,6 +25,11 @@ def pytest_addoption(parser):
         action="store_true",
         help="run the MD engines' NVT checks 6x longer (tighter statistics; about a minute per engine)",
     )
+    parser.addoption(
+        "--inductor",
+        action="store_true",
+        help="also check the students' inductor-compiled path (model.compile=true; minutes of compilation)",
+    )
 
 
 @pytest.fixture(autouse=True)

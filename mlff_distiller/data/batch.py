@@ -52,8 +52,14 @@ class AtomsBatch(Mapping[str, torch.Tensor]):
         return AtomsBatch(moved)
 
     def replace(self, **tensors: torch.Tensor) -> AtomsBatch:
-        """A copy with some entries replaced (e.g. positions that require grad)."""
-        return AtomsBatch({**self._tensors, **tensors})
+        """A copy with some entries replaced (e.g. positions that require grad).
+
+        New edges or shifts without a new ``num_edge_pairs`` drop the old one: the new list may not be paired.
+        """
+        merged = {**self._tensors, **tensors}
+        if (keys.EDGE_INDEX in tensors or keys.CELL_SHIFTS in tensors) and keys.NUM_EDGE_PAIRS not in tensors:
+            merged.pop(keys.NUM_EDGE_PAIRS, None)
+        return AtomsBatch(merged)
 
     def __repr__(self) -> str:
         return (
@@ -68,9 +74,22 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
     ``edge_index`` (2, e) with 0-based atom indices, ``cell_shifts`` (e, 3), and optionally
     ``energy`` () and ``forces`` (n, 3), ``stress`` (3, 3), ``site_energies`` (n,), Hessian rows
     (``hessian_row_coord``, ``hessian_rows``) and a ``metric_group`` () index (-1 for items without one).
+    When every item's edges are ordered in reverse pairs (``num_edge_pairs``, as :func:`atoms_to_graph`
+    makes them), so are the batch's: its first half is the items' first halves, its second half their
+    second halves.
     """
     counts = torch.tensor([len(item[keys.ATOMIC_NUMBERS]) for item in items], dtype=torch.long)
     offsets = torch.cumsum(counts, 0) - counts
+    edge_index = [item[keys.EDGE_INDEX] + off for item, off in zip(items, offsets.tolist())]
+    cell_shifts = [item[keys.CELL_SHIFTS] for item in items]
+    pairs = _edge_pairs(items)
+    if pairs is not None:
+        edge_index = [e[:, :half] for e, half in zip(edge_index, pairs)] + [
+            e[:, half:] for e, half in zip(edge_index, pairs)
+        ]
+        cell_shifts = [s[:half] for s, half in zip(cell_shifts, pairs)] + [
+            s[half:] for s, half in zip(cell_shifts, pairs)
+        ]
     out: dict[str, torch.Tensor] = {
         keys.POSITIONS: torch.cat([item[keys.POSITIONS] for item in items]),
         keys.ATOMIC_NUMBERS: torch.cat([item[keys.ATOMIC_NUMBERS] for item in items]),
@@ -78,9 +97,11 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
         keys.PBC: torch.stack([item[keys.PBC] for item in items]),
         keys.BATCH: torch.repeat_interleave(torch.arange(len(items)), counts),
         keys.NUM_ATOMS: counts,
-        keys.EDGE_INDEX: torch.cat([item[keys.EDGE_INDEX] + off for item, off in zip(items, offsets.tolist())], 1),
-        keys.CELL_SHIFTS: torch.cat([item[keys.CELL_SHIFTS] for item in items]),
+        keys.EDGE_INDEX: torch.cat(edge_index, 1),
+        keys.CELL_SHIFTS: torch.cat(cell_shifts),
     }
+    if pairs is not None:
+        out[keys.NUM_EDGE_PAIRS] = torch.tensor(pairs, dtype=torch.long)
     for key in keys.LABEL_KEYS:
         present = [key in item for item in items]
         if all(present):
@@ -92,6 +113,23 @@ def collate_atoms(items: Sequence[Mapping[str, torch.Tensor]]) -> AtomsBatch:
         out[keys.METRIC_GROUP] = torch.tensor([int(item.get(keys.METRIC_GROUP, -1)) for item in items])
     out.update(_collate_hessian_rows(items, offsets))
     return AtomsBatch(out)
+
+
+def _edge_pairs(items: Sequence[Mapping[str, torch.Tensor]]) -> list[int] | None:
+    """Edge pairs of each item when every item's edges are paired, else None (the batch is left unpaired)."""
+    if not all(keys.NUM_EDGE_PAIRS in item for item in items):
+        return None
+    pairs = []
+    for number, item in enumerate(items):
+        count, edges = int(item[keys.NUM_EDGE_PAIRS]), item[keys.EDGE_INDEX].shape[1]
+        if 2 * count != edges:
+            raise ValueError(
+                f"Structure {number} of the batch has {edges} edges but {keys.NUM_EDGE_PAIRS}={count}; a paired "
+                f"edge list has exactly 2 x {keys.NUM_EDGE_PAIRS} edges. Drop {keys.NUM_EDGE_PAIRS!r} from an "
+                "edited edge list (atoms_to_graph pairs the edges it builds)."
+            )
+        pairs.append(count)
+    return pairs
 
 
 def _collate_hessian_rows(

@@ -20,6 +20,11 @@ EDGE_INDEX = "edge_index"
 """Directed neighbour pairs (i, j) within the cutoff, both directions present; (2, edges) int64."""
 CELL_SHIFTS = "cell_shifts"
 """Integer lattice offsets S of each pair: r_ij = positions[j] - positions[i] + S @ cell; (edges, 3)."""
+NUM_EDGE_PAIRS = "num_edge_pairs"
+"""Edge pairs per structure; (structures,) int64, () in one structure's graph. Present only when the edge
+list is ordered in reverse pairs: edge k + E/2 is edge k reversed (j -> i, shift -S), in a batch as in each
+structure (the batch's first half is the structures' first halves), so the students need not sort the
+edges to pair them. Set by ``atoms_to_graph``; ``AtomsBatch.replace`` drops it when the edges change."""
 ENERGY = "energy"
 """Total energy per structure, eV; (structures,)."""
 FORCES = "forces"

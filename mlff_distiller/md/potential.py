@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..data import keys
-from ..data.neighbors import neighbor_list
+from ..data.neighbors import neighbor_list, reverse_pair_order
 
 DEFAULT_SKIN = 1.0
 """Å. Verlet skin of the reused neighbour lists; a list then lasts ~10-50 MD steps at room temperature."""
@@ -84,6 +84,9 @@ class StudentPotential:
         dtype: torch.dtype = torch.float32,
         skin: float = DEFAULT_SKIN,
     ) -> None:
+        from ..memory import keep_freed_memory
+
+        keep_freed_memory()  # repeated calls reuse their large tensors (no page faults per call; see memory.py)
         if not hasattr(model, "cutoff"):
             raise TypeError(
                 f"{type(model).__name__} has no 'cutoff' attribute; StudentPotential needs an atomistic student "
@@ -235,7 +238,9 @@ class StudentPotential:
         return cache
 
     def _system_list(self, cache: _Cache, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """System ``s``'s pairs within the cache's radius at its reference positions (by vesin)."""
+        """System ``s``'s pairs within the cache's radius at its reference positions (by vesin), ordered in reverse
+        pairs when the list allows it (edge k + E/2 reverses edge k: the students then share each pair's filters
+        without sorting, and a compiled student can run)."""
         self.stats.builds += 1
         start, count = cache.starts[s], cache.counts[s]
         edge_index, shifts = neighbor_list(
@@ -244,6 +249,10 @@ class StudentPotential:
             cache.periodic[s].cpu().numpy(),
             cache.radius,
         )
+        order = reverse_pair_order(edge_index, shifts)
+        if order is not None:
+            edge_index, shifts = edge_index[:, order], shifts[order]
+        cache.paired[s] = order is not None
         return torch.from_numpy(edge_index).to(self.device), torch.from_numpy(shifts).to(self.device)
 
 
@@ -272,6 +281,7 @@ class _Cache:
             self.inverse = torch.linalg.inv(torch.where(periodic.any(dim=1)[:, None, None], cells, eye))
             self.periodic_atom = periodic[self.system]
         self.lists: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.paired = [False] * len(counts)
 
     def same(self, numbers: torch.Tensor, cells: torch.Tensor, periodic: torch.Tensor) -> bool:
         return bool(torch.equal(numbers, self.numbers) and torch.equal(cells, self.cells)) and torch.equal(
@@ -279,9 +289,17 @@ class _Cache:
         )
 
     def concatenate(self) -> None:
-        """The systems' lists as one, with atom offsets, and each edge's lattice translation S @ cell."""
-        self.edge_index = torch.cat([e + start for (e, _), start in zip(self.lists, self.starts)], dim=1)
-        self.shifts = torch.cat([shifts for _, shifts in self.lists])
+        """The systems' lists as one, with atom offsets, and each edge's lattice translation S @ cell. When every
+        system's list is paired, so is the whole: the systems' first halves, then their second halves."""
+        edges = [e + start for (e, _), start in zip(self.lists, self.starts)]
+        shifts = [shifts for _, shifts in self.lists]
+        self.all_paired = all(self.paired)
+        if self.all_paired:
+            halves = [e.shape[1] // 2 for e in edges]
+            edges = [e[:, :h] for e, h in zip(edges, halves)] + [e[:, h:] for e, h in zip(edges, halves)]
+            shifts = [x[:h] for x, h in zip(shifts, halves)] + [x[h:] for x, h in zip(shifts, halves)]
+        self.edge_index = torch.cat(edges, dim=1)
+        self.shifts = torch.cat(shifts)
         cell_of_edge = self.cells[self.system[self.edge_index[0]]]
         self.translations = torch.einsum("ek,ekl->el", self.shifts.to(self.cells.dtype), cell_of_edge)
 
@@ -314,14 +332,23 @@ class _Cache:
     def batch(self, positions: torch.Tensor, potential: StudentPotential) -> dict[str, torch.Tensor]:
         """The model's batch: the candidate edges shorter than the cutoff (the closest-approach watch is updated)."""
         edge_index, shifts = self.edge_index, self.shifts
-        if edge_index.shape[1] and self.radius > potential.cutoff:
-            i, j = edge_index
-            vectors = positions[j] - positions[i] + self.translations
+        # A pair's two edges have the same length: paired lists are measured and cut on their first half.
+        half = edge_index.shape[1] // 2 if self.all_paired else edge_index.shape[1]
+        if half and self.radius > potential.cutoff:
+            i, j = edge_index[:, :half]
+            vectors = positions[j] - positions[i] + self.translations[:half]
             squared = (vectors * vectors).sum(dim=1)
             torch.minimum(potential._closest, squared.min().sqrt(), out=potential._closest)
             kept = torch.nonzero(squared < potential.cutoff**2).flatten()
+            if self.all_paired:
+                kept = torch.cat([kept, kept + half])
             edge_index, shifts = edge_index[:, kept], shifts[kept]
+        paired = {}
+        if self.all_paired:
+            first = edge_index[0, : edge_index.shape[1] // 2]
+            paired[keys.NUM_EDGE_PAIRS] = torch.bincount(self.system[first], minlength=len(self.counts))
         return {
+            **paired,
             keys.POSITIONS: positions,
             keys.ATOMIC_NUMBERS: self.numbers,
             keys.CELL: self.cells,

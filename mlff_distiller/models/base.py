@@ -16,6 +16,7 @@ from torch import nn
 from ..data import keys
 from ..data.batch import edge_vectors
 from ..data.statistics import DatasetStatistics
+from .compiled import CompiledForward, compile_mode
 
 MAX_Z = 100
 
@@ -34,16 +35,24 @@ class AtomisticModel(nn.Module):
     (eV, force RMS), ``avg_num_neighbors`` and ``trained_elements`` (which atomic numbers the training data
     held); they are saved in the state dict, so a model rebuilt without statistics and loaded from a
     checkpoint gets them back. :meth:`check_elements` refuses structures with other elements.
+    ``compile`` (false, true or "inductor", "fx") runs energy, forces and stress as one traced graph, so
+    that a force loss needs only a first-order backward (see :mod:`~mlff_distiller.models.compiled`).
     """
 
     def __init__(
-        self, cutoff: float, statistics: DatasetStatistics | None = None, compute_stress: bool = False
+        self,
+        cutoff: float,
+        statistics: DatasetStatistics | None = None,
+        compute_stress: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if cutoff <= 0:
             raise ValueError(f"cutoff={cutoff} must be > 0 (Å).")
         self.cutoff = float(cutoff)
         self.compute_stress = compute_stress
+        self.compiled: CompiledForward | None = None
+        self.set_compile(compile)
         self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("avg_num_neighbors", torch.tensor(1.0))
@@ -51,6 +60,12 @@ class AtomisticModel(nn.Module):
         self._register_load_state_dict_pre_hook(_infer_trained_elements)
         if statistics is not None:
             self.set_statistics(statistics)
+
+    def set_compile(self, compile: bool | str) -> None:
+        """Switch the compiled path on (true, "inductor", "fx") or off (false); graphs are traced on first use."""
+        mode = compile_mode(compile)
+        # Not a submodule and not in the state dict: compiled and eager models load each other's checkpoints.
+        self.compiled = CompiledForward(mode) if mode != "none" else None
 
     def set_statistics(self, statistics: DatasetStatistics) -> None:
         with torch.no_grad():
@@ -99,8 +114,17 @@ class AtomisticModel(nn.Module):
             # TorchScript has no enable_grad: a scripted student must be called with grad mode on (the default).
             return self._energy_and_forces(batch)
         else:
-            with torch.enable_grad():  # forces need autograd, also when called under torch.no_grad()
-                return self._energy_and_forces(batch)
+            if self.compiled is not None:
+                out = self.compiled(self, batch)
+                if out is not None:
+                    return out
+            return self.eager_forward(batch)
+
+    @torch.jit.unused
+    def eager_forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``forward`` without the compiled graph (what the graph is traced from and checked against)."""
+        with torch.enable_grad():  # forces need autograd, also when called under torch.no_grad()
+            return self._energy_and_forces(batch)
 
     def _edge_vectors(
         self, batch: dict[str, torch.Tensor], positions: torch.Tensor, cell: torch.Tensor

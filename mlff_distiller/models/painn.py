@@ -124,8 +124,9 @@ class PaiNN(AtomisticModel):
         max_z: int = 100,
         statistics: DatasetStatistics | None = None,
         compute_stress: bool = False,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(cutoff, statistics, compute_stress)
+        super().__init__(cutoff, statistics, compute_stress, compile)
         check_sizes(hidden, interactions, max_z)
         self.hidden = hidden
         self.max_z = max_z

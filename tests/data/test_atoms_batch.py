@@ -47,12 +47,17 @@ def test_collate_concatenates_and_offsets(structures, graphs):
     edges = [g[keys.EDGE_INDEX].shape[1] for g in graphs]
     assert all(e > 0 for e in edges)
     assert batch[keys.EDGE_INDEX].shape == (2, sum(edges)) and batch[keys.CELL_SHIFTS].shape == (sum(edges), 3)
+    # Paired edge lists: the batch's first half is the structures' first halves, then their second halves.
+    assert batch[keys.NUM_EDGE_PAIRS].tolist() == [count // 2 for count in edges]
+    half = sum(edges) // 2
     start_atom, start_edge = 0, 0
     for graph, size, count in zip(graphs, sizes, edges):
-        block = batch[keys.EDGE_INDEX][:, start_edge : start_edge + count]
-        assert torch.equal(block, graph[keys.EDGE_INDEX] + start_atom)
-        assert block.min() >= start_atom and block.max() < start_atom + size
-        start_atom, start_edge = start_atom + size, start_edge + count
+        for part, where in ((slice(0, count // 2), start_edge), (slice(count // 2, count), half + start_edge)):
+            block = batch[keys.EDGE_INDEX][:, where : where + count // 2]
+            assert torch.equal(block, graph[keys.EDGE_INDEX][:, part] + start_atom)
+            assert block.min() >= start_atom and block.max() < start_atom + size
+            assert torch.equal(batch[keys.CELL_SHIFTS][where : where + count // 2], graph[keys.CELL_SHIFTS][part])
+        start_atom, start_edge = start_atom + size, start_edge + count // 2
     # Edges never connect two structures.
     i, j = batch[keys.EDGE_INDEX]
     assert torch.equal(batch[keys.BATCH][i], batch[keys.BATCH][j])
@@ -101,9 +106,8 @@ def test_unknown_key_names_the_known_ones(graphs):
     message = str(info.value)
     assert "energies" in message and "energy" in message and "positions" in message
     assert "energies" not in batch and keys.ENERGY in batch
-    assert (
-        set(keys.ATOMS_KEYS) | {keys.ENERGY, keys.FORCES} <= set(batch) <= set(keys.ATOMS_KEYS) | set(keys.LABEL_KEYS)
-    )
+    expected = set(keys.ATOMS_KEYS) | {keys.ENERGY, keys.FORCES, keys.NUM_EDGE_PAIRS}
+    assert expected <= set(batch) <= expected | set(keys.LABEL_KEYS)
 
 
 def test_a_batch_needs_every_atoms_key(graphs):

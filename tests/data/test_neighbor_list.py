@@ -9,7 +9,7 @@ import pytest
 from ase.build import fcc111
 from ase.neighborlist import primitive_neighbor_list
 
-from mlff_distiller.data.neighbors import neighbor_list
+from mlff_distiller.data.neighbors import neighbor_list, reverse_pair_order
 
 
 @pytest.fixture(params=["vesin", "ase_fallback"])
@@ -149,3 +149,47 @@ def test_edge_order_does_not_depend_on_the_backend(monkeypatch):
     with_ase = neighbor_list(positions, cell, pbc, cutoff)
     np.testing.assert_array_equal(with_vesin[0], with_ase[0])
     np.testing.assert_array_equal(with_vesin[1], with_ase[1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reverse_pair_order_puts_each_reverse_half_a_list_later(case):
+    positions, cell, pbc, cutoff = CASES[case]()
+    edge_index, shifts = neighbor_list(positions, cell, pbc, cutoff)
+    order = reverse_pair_order(edge_index, shifts)
+    num_edges = edge_index.shape[1]
+    assert order is not None and sorted(order.tolist()) == list(range(num_edges))
+    (i, j), paired_shifts, half = edge_index[:, order], shifts[order], num_edges // 2
+    assert np.array_equal(i[half:], j[:half]) and np.array_equal(j[half:], i[:half])
+    assert np.array_equal(paired_shifts[half:], -paired_shifts[:half])
+    # The first half: i < j, or a periodic self-image whose first non-zero shift component is positive.
+    for a, b, shift in zip(i[:half], j[:half], paired_shifts[:half]):
+        assert a < b or (a == b and shift[np.flatnonzero(shift)[0]] > 0)
+    vectors = positions[j] - positions[i] + paired_shifts @ cell
+    np.testing.assert_array_equal(vectors[half:], -vectors[:half])  # same distances, exactly
+    # The first half keeps the neighbour list's (lexicographic) order.
+    assert np.all(np.diff(order[:half]) > 0)
+
+
+def test_reverse_pair_order_refuses_lists_that_cannot_be_paired():
+    positions, cell, pbc, cutoff = tiny_cubic()
+    edge_index, shifts = neighbor_list(positions, cell, pbc, cutoff)
+    i, j = edge_index
+    half_list = (i < j) | ((i == j) & (shifts[:, 0] > 0))
+    assert reverse_pair_order(edge_index[:, half_list], shifts[half_list]) is None
+    assert reverse_pair_order(edge_index[:, 1:], shifts[1:]) is None  # odd: one edge lost its reverse
+    moved = shifts.copy()
+    moved[0] = [5, 5, 5]  # an image whose reverse is not in the list
+    assert reverse_pair_order(edge_index, moved) is None
+    own_reverse = np.array([[0, 1, 0], [0, 0, 1]])  # (0, 0) with zero shift is its own reverse
+    assert reverse_pair_order(own_reverse, np.zeros((3, 3), dtype=np.int64)) is None
+    empty = reverse_pair_order(np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int64))
+    assert empty is not None and empty.shape == (0,)
+
+
+def test_reverse_pair_order_is_the_same_when_integer_keys_would_overflow():
+    positions, cell, pbc, cutoff = tiny_cubic()
+    edge_index, shifts = neighbor_list(positions, cell, pbc, cutoff)
+    far = edge_index + 3_000_000_000  # (atoms² x shift codes) no longer fits an int64 key: sorted by columns
+    assert np.array_equal(reverse_pair_order(far, shifts), reverse_pair_order(edge_index, shifts))
+    duplicated = np.concatenate([edge_index, edge_index], 1), np.concatenate([shifts, shifts])
+    assert reverse_pair_order(*duplicated) is None

@@ -79,6 +79,10 @@ class IPIEngine:
             output=output,
             safe_stride=10**9,
         )
+        # i-PI draws its thermostat noise from its own generator, seeded from the clock unless told otherwise.
+        seed = int(getattr(settings, "seed", 0) or 0) + start_step
+        tag_end = xml.index(">", xml.index("<simulation")) + 1
+        xml = f"{xml[:tag_end]}<prng><seed>{seed}</seed></prng>{xml[tag_end:]}"
         self.simulation = InteractiveSimulation(xml)
         self.simulation.chk.filename = str(workdir / "ipi.RESTART")  # i-PI's restart file, else in the cwd
         self.client = threading.Thread(target=serve, args=(model, start, self.socket), daemon=True)

@@ -1,0 +1,47 @@
+"""`keep_freed_memory`: a student's repeated calls on a large system cost no page faults after the first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CHILD = """
+import resource, sys
+import torch
+from ase.build import bulk
+from mlff_distiller.data.batch import collate_atoms
+from mlff_distiller.data.dataset import atoms_to_graph
+from mlff_distiller.memory import keep_freed_memory
+from mlff_distiller.models.painn import PaiNN
+
+torch.set_num_threads(1)
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+model = PaiNN(cutoff=5.0, hidden=64, interactions=1).eval()
+atoms = bulk("Cu", "fcc", a=3.7, cubic=True) * (6, 6, 6)  # 864 atoms: (edges, 3, 64) messages of ~28 MB
+batch = collate_atoms([atoms_to_graph(atoms, 5.0, with_labels=False)])
+faults = []
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(batch)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, faults[-1])
+"""
+
+
+def _faults(setting: str) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", CHILD, setting], capture_output=True, text=True, check=True)
+    applied, faults = out.stdout.split()
+    return applied == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_repeated_large_calls_reuse_freed_memory():
+    applied, kept = _faults("keep")
+    if not applied:
+        pytest.skip("the C library is not glibc")
+    _, default = _faults("default")
+    # Without it, glibc maps large blocks afresh (every one above 32 MB): thousands of 4 KB pages per call.
+    assert default > 5_000
+    assert kept < 1_000
