@@ -86,10 +86,9 @@ def train(cfg: DictConfig) -> float | None:
 
     from hydra.utils import instantiate
 
+    from mlff_distiller.memory import keep_freed_memory
     from mlff_distiller.training import ConsoleLogger, Trainer, distributed, seed_everything
     from mlff_distiller.training.optim import check_factory
-
-    from mlff_distiller.memory import keep_freed_memory
 
     keep_freed_memory()  # training steps reuse their large tensors instead of faulting in fresh pages each step
     # Under torchrun: join the process group (gloo on CPU, nccl on GPUs); only rank 0 writes files.
