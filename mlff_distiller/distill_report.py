@@ -116,13 +116,13 @@ def evaluate_against_labels(
 def speed_structures(reference: Any, sizes: Sequence[int] = SPEED_SIZES) -> list[Any]:
     """Supercells of a periodic ``reference`` with at least each of ``sizes`` atoms (the cell itself when it
     is big enough); a non-periodic one is returned alone, as it is."""
-    from .teachers.sampling import _supercell
+    from .teachers.structures import supercell
 
     base = reference.copy()
     base.calc = None
     if not base.pbc.all():
         return [base]
-    return [_supercell(base, size) for size in sizes]
+    return [supercell(base, size) for size in sizes]
 
 
 def calls_per_second(calculator: Any, atoms: Any, min_seconds: float = 1.0, min_calls: int = 3) -> float:
@@ -171,16 +171,13 @@ def nve_stability(
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
+    from .teachers.structures import default_timestep_fs, maxwell_boltzmann_momenta
+
     atoms = atoms.copy()
     atoms.calc = calculator
-    from .teachers.sampling import default_timestep_fs
-
     step_fs = timestep_fs if timestep_fs is not None else default_timestep_fs(atoms)
     steps = max(1, int(round(1000.0 * time_ps / step_fs)))
-    # Maxwell-Boltzmann momenta without centre-of-mass motion (written out: ASE renamed its helper in 3.29).
-    masses = atoms.get_masses()[:, None]
-    momenta = np.random.default_rng(seed).standard_normal((len(atoms), 3)) * np.sqrt(masses * units.kB * temperature_K)
-    atoms.set_momenta(momenta - masses * (momenta.sum(0) / masses.sum()))
+    atoms.set_momenta(maxwell_boltzmann_momenta(atoms, temperature_K, np.random.default_rng(seed)))
     dynamics = VelocityVerlet(atoms, timestep=step_fs * units.fs)
     times, energies, min_distance, physical = [], [], math.inf, True
     for done in range(0, steps + 1, record_every):

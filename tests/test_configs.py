@@ -86,7 +86,7 @@ def check_distill_experiment(cfg) -> None:
     """A foundation-model distillation recipe: composed and its model and loss built; its data (minutes of
     teacher labelling) is built by the distill_smoke stand-in instead."""
     assert cfg.teacher.name in ("chgnet", "sevenn")
-    assert cfg.data.source._target_.endswith("build_distillation_dataset") and cfg.data.source.hessian_rows > 0
+    assert cfg.data.source._target_.endswith("SamplingConfig") and cfg.data.source.hessian_rows > 0
     assert cfg.data.source.teacher == cfg.teacher.name
     assert instantiate(cfg.loss).hessian_weight > 0
     assert instantiate(cfg.model).compute_stress is True

@@ -16,7 +16,7 @@ from mlff_distiller.data.module import AtomsDataModule
 from mlff_distiller.distill_report import distillation_report, nve_stability, print_report, speed_structures
 from mlff_distiller.losses.hessian import EnergyForceHessianLoss
 from mlff_distiller.models.schnet import SchNet
-from mlff_distiller.teachers.sampling import build_distillation_dataset, seed_structures
+from mlff_distiller.teachers.sampling import SamplingConfig, build_distillation_dataset, seed_structures
 from mlff_distiller.training import Trainer, TrainingConfig
 
 CUTOFF = 4.0
@@ -25,10 +25,10 @@ CUTOFF = 4.0
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """(data module, trained student, trainer, loss) on a 8-atom Cu-Au set labelled by EMT with 2 rows each."""
-    path = build_distillation_dataset(
-        "CuAu",
+    config = SamplingConfig(
+        system="CuAu",
         teacher="emt",
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
         system_options={"min_atoms": 8, "num_seeds": 2},
         num_rattle=16,
         temperatures=[300.0, 900.0],
@@ -38,6 +38,7 @@ def distilled(tmp_path_factory):
         hessian_rows=2,
         progress=False,
     )
+    path = build_distillation_dataset(config)
     data = AtomsDataModule(
         path=str(path), cutoff=CUTOFF, num_val=4, num_test=6, batch_size=4, val_batch_size=8, group_key="md_run"
     )
