@@ -90,7 +90,8 @@ def write_structures_atomic(path: Path, structures: list[Any]) -> None:
     import ase.io
 
     buffer = io.StringIO()
-    ase.io.write(buffer, structures, format="extxyz")
+    if structures:
+        ase.io.write(buffer, structures, format="extxyz")
     write_text_atomic(path, buffer.getvalue())
 
 

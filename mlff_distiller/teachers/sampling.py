@@ -54,9 +54,6 @@ SAMPLER_VERSION = 1
 """Bump when the sampling recipe changes so cached distillation sets are rebuilt."""
 
 KINDS = ("auto", "bulk", "alloy", "molecule")
-BUILTIN_SYSTEMS = ("water",)
-"""Systems known by name beyond crystals, alloys and molecules: ``water`` is a periodic box of liquid water
-(:func:`mlff_distiller.teachers.systems.water_box`); ``H2O`` stays the single molecule."""
 
 
 # ---------------------------------------------------------------------- seeds
@@ -116,10 +113,12 @@ def seed_structures(
         return [
             fresh_copy(atoms, provenance=f"seed:file={Path(path).name}:index={i}") for i, atoms in enumerate(structures)
         ]
-    if system in BUILTIN_SYSTEMS:
-        return _builtin_system_seeds(system, min_atoms, num_seeds, seed)
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
+    if system == "water" and kind == "auto":  # the built-in liquid; "H2O" stays the single molecule
+        from .systems import water_seeds
+
+        return water_seeds(min_atoms, num_seeds, seed)
     elements = _elements(system)
     if kind == "auto":
         if elements is not None and len(elements) == 1:
@@ -163,25 +162,6 @@ def seed_structures(
         x = float(np.mean(atoms.numbers == atomic_numbers[solute]))
         seeds.append(fresh_copy(atoms, provenance=f"seed:alloy={system}:{solute}={x:.3f}:index={k}"))
     return seeds
-
-
-def _builtin_system_seeds(system: str, min_atoms: int, num_seeds: int, seed: int) -> list[Atoms]:
-    """``num_seeds`` boxes of a :data:`BUILTIN_SYSTEMS` system with at least ``min_atoms`` atoms each."""
-    try:
-        from .systems import water_box
-    except ImportError as error:  # the water box ships with mlff_distiller.teachers.systems
-        raise ValueError(
-            f"system={system!r} needs mlff_distiller.teachers.systems.water_box, which this installation lacks "
-            f"({error}); give a seed file as data.source.seeds_path instead."
-        ) from None
-    molecules = max(1, -(-int(min_atoms) // 3))
-    return [
-        fresh_copy(
-            water_box(molecules, seed=int(seed) * 1000 + k),
-            provenance=f"seed:{system}:molecules={molecules}:index={k}",
-        )
-        for k in range(num_seeds)
-    ]
 
 
 # ---------------------------------------------------------------------- sampling
@@ -492,6 +472,14 @@ class SamplingConfig:
         """Teacher calls that labelling one structure costs: energy + forces (+ stress) is one call, each
         finite-difference Hessian row two more."""
         return 1 + 2 * int(self.hessian_rows)
+
+    def md_teacher_calls(self) -> int:
+        """Teacher calls of the sampling MD when the teacher drives it (``md_driver`` null): one per step plus one
+        at the start of each run; 0 with another driver."""
+        if self.md_driver is not None or not self.temperatures or self.snapshots_per_run == 0:
+            return 0
+        runs = len(self.temperatures) * self.runs_per_temperature
+        return runs * (self.equilibration_steps + self.snapshots_per_run * self.snapshot_interval + 1)
 
     def __call__(self) -> Path:
         """Build the labelled set, or find it in the cache; returns its path."""
