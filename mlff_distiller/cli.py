@@ -109,13 +109,20 @@ UNITS = {
     "time_ps": "ps",
     "timestep_fs": "fs",
     "temperature_K": "K",
+    "temperature_mean": "K",
+    "fresh_force_mae": "meV/Å",
+    "force_mae_rel": "x std",
+    "fresh_force_mae_rel": "x std",
+    "teacher_calls": "calls",
+    "seconds": "s",
 }
 """Units of metrics, by the last part of their name (``test/force_mae`` -> ``force_mae``)."""
 
 
 def unit_of(name: str) -> str:
-    """The unit of metric ``name`` ("" when it has none or is unknown)."""
-    return UNITS.get(name.rsplit("/", 1)[-1], "")
+    """The unit of metric ``name`` ("" when it has none or is unknown); names ending in ``_s`` are seconds."""
+    leaf = name.rsplit("/", 1)[-1]
+    return UNITS.get(leaf, "s" if leaf.endswith("_s") else "")
 
 
 def format_value(name: str, value: Any) -> str:

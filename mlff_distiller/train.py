@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mlff_distiller.cli import (
+    EXIT_VERDICT_FAILED,
     CLIError,
     fail,
     in_multirun,
@@ -58,8 +59,11 @@ def main(cfg: DictConfig) -> float | None:
             # records the exception, sweepers such as Optuna count the trial as failed and go on.
             log.error("This job failed (%s: %s); the sweep goes on with the other jobs.", type(error).__name__, error)
             raise
+        from mlff_distiller.distill.gate import DistillationFailed
         from mlff_distiller.teachers.calculators import TeacherUnavailableError
 
+        if isinstance(error, DistillationFailed):
+            fail("mlff-train", error, EXIT_VERDICT_FAILED)
         known = (CLIError, ConfigError, CheckpointError, NonFiniteLossError, TeacherUnavailableError)
         if isinstance(error, known) or is_instantiation_error(error):
             fail("mlff-train", error)
@@ -107,9 +111,12 @@ def train(cfg: DictConfig) -> float | None:
         "overrides": overrides,
     }
 
+    from mlff_distiller.distill.compose import active_loop, check_verdict, final_report
+
+    loop = active_loop(cfg, training_config)  # a distillation recipe's rounds; None without `distill`
     if cfg.seed is not None:
         seed_everything(cfg.seed)  # model initialisation and data generation are reproducible too
-    data = instantiate(cfg.data)
+    data = instantiate(cfg.data, **({"path": str(loop.dataset)} if loop is not None else {}))
     statistics = getattr(data, "statistics", None)
     model = instantiate(cfg.model, **({"statistics": statistics} if statistics is not None else {}))
     loss = instantiate(cfg.loss)
@@ -150,37 +157,15 @@ def train(cfg: DictConfig) -> float | None:
     )
     metrics.update(_evaluate_test_split(trainer, data, show=main_process))
     if cfg.get("distill_report") and main_process:
-        metrics.update(_distill_report(cfg, trainer, data, output_dir))
+        metrics.update(final_report(cfg, trainer, data, output_dir, loop))
     if main_process:
         write_json(output_dir / "metrics.json", metrics)
+    check_verdict(metrics)  # a failed distillation verdict exits with code 3, after everything is written
     log.info(
         "Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch, output_dir
     )
     # A run whose monitored metric never became finite reports NaN (a failed trial for sweepers).
     return trainer.best_metric if trainer.best_metric is not None else math.nan
-
-
-def _distill_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path) -> dict[str, float]:
-    """Student (best checkpoint, EMA weights) vs teacher on the test split: accuracy, speed, NVE run."""
-    import copy
-
-    from mlff_distiller.data.dataset import read_labelled_structures
-    from mlff_distiller.distill_report import distillation_report, print_report
-    from mlff_distiller.teachers.calculators import make_calculator
-    from mlff_distiller.training import load_model_weights
-
-    best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
-    if best is None or not best.is_file() or not hasattr(data, "split_indices"):
-        log.warning("distill_report needs checkpoints and a data module with a test split; skipped.")
-        return {}
-    student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
-    structures = read_labelled_structures(data.path)
-    test = [structures[i] for i in data.split_indices["test"]]
-    teacher = make_calculator(cfg.teacher.name, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
-    options = OmegaConf.to_container(cfg.distill_report, resolve=True)
-    report = distillation_report(student, teacher, test, output_dir, seed=cfg.seed, **options)
-    print_report(report)
-    return {f"distill/{name}": value for name, value in report.items()}
 
 
 def _stop_file_logging() -> None:

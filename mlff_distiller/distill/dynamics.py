@@ -139,7 +139,7 @@ def run_md(
         result.steps_done = done
         result.final = work.copy()
         result.final.calc = None
-        if keep_frames and done >= equilibration_steps and done > 0:
+        if keep_frames and done > equilibration_steps:
             frame = work.copy()
             frame.calc = None
             frame.set_constraint()
