@@ -116,6 +116,7 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     ``distill/...`` metrics (see :func:`mlff_distiller.distill.report.distillation_report`)."""
     from ..data.dataset import read_labelled_structures
     from ..teachers.calculators import make_calculator
+    from ..teachers.structures import min_distance
     from ..training import load_model_weights
     from .report import ReportConfig, distillation_report, print_report
 
@@ -137,8 +138,12 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     structures = read_labelled_structures(data.path)
     test = [structures[i] for i in data.split_indices["test"]]
     teacher = make_calculator(cfg.teacher.name, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
+    # The closest-approach bound comes from round 0 (the sampled set), as in the loop's exploration: the
+    # explored structures the loop added may hold closer contacts, which must not loosen the gate.
+    sampled = read_labelled_structures(loop.round0) if loop is not None else structures
+    bound = config.gate.min_distance_fraction * min(min_distance(atoms) for atoms in sampled)
     report = distillation_report(
-        student, teacher, test, output_dir, sampling.seeds(), targets, config, loop, seed=int(cfg.seed or 0)
+        student, teacher, test, output_dir, sampling.seeds(), targets, config, loop, bound, seed=int(cfg.seed or 0)
     )
     report["time/final_training_s"] = round(sum(trainer.history.get("epoch_time_s", [])), 2)
     report["time/report_s"] = round(time.perf_counter() - started, 2)

@@ -19,6 +19,15 @@ round r
    at most ``per_round`` and never beyond ``teacher_budget``; ``selection: random`` draws uniformly instead;
 5. labels them with the teacher through :func:`~mlff_distiller.teachers.labelling.label_structures`.
 
+Why the trust window is relative, and why [0.1, 1.0]: DP-GEN trusts 0.05-0.15 eV/Å for DFT-accurate models
+of systems whose forces spread by about 1 eV/Å, i.e. a window set by the force scale. Our students are
+small (their force MAE is a few % of the spread), and the score is a maximum over 32-108 atoms of a per-atom
+vector deviation, several times the mean component error; below a tenth of the spread the committee agrees
+as well as its members can learn. A worst atom that disagrees by as much as the forces themselves spread
+marks a structure far from anything learned (atoms overlapping, an MD run gone wrong): labelling it teaches
+the student about unphysical regions, so it is skipped, unless it is one of the last sane frames of an
+exploration run that became unphysical (those are the student's actual failure and are always candidates).
+
 It stops on the fresh-frame target, the teacher-call budget or the round limit. Everything lives in a state
 directory keyed by every setting that changes the result (round 0, this config without ``rounds``, the
 student recipe), one sub-directory per round: committee checkpoints (the Trainer resumes them mid-epoch),
@@ -447,7 +456,7 @@ class ActiveLoop:
         training_structures = read_labelled(train_set)
         members, validation = [], []
         for k in range(self.config.members):
-            model, val = self._train_member(r, k, train_set)
+            model, val = self._train_member(r, k, train_set, len(training_structures))
             members.append(model)
             validation.append(val)
         seconds["train"] = time.perf_counter() - clock
@@ -533,8 +542,10 @@ class ActiveLoop:
         return summary
 
     # ------------------------------------------------------------------ committee
-    def _train_member(self, r: int, k: int, train_set: Path) -> tuple[nn.Module, float]:
-        """Member ``k`` of round ``r``, trained (or resumed, or loaded when done); returns (model, val force MAE)."""
+    def _train_member(self, r: int, k: int, train_set: Path, size: int) -> tuple[nn.Module, float]:
+        """Member ``k`` of round ``r``, trained (or resumed, or loaded when done) on ``train_set`` (``size``
+        structures); returns (model, best validation force MAE). A member holds out a tenth of the set (at least
+        2, at most ``data_options["num_val"]``) for its best-model choice: round 0 is small."""
         import torch
 
         from ..data.module import AtomsDataModule
@@ -544,7 +555,9 @@ class ActiveLoop:
         directory = self._round_dir(r) / f"member_{k}"
         done_file = directory / "done.json"
         seed = self.config.seed + 1000 * k
-        data = AtomsDataModule(path=str(train_set), seed=seed, num_test=0, **self.recipe.data_options)
+        options = dict(self.recipe.data_options)
+        options["num_val"] = min(int(options.get("num_val", 2)), max(2, size // 10))
+        data = AtomsDataModule(path=str(train_set), seed=seed, num_test=0, **options)
         torch.manual_seed(seed)
         model = self.recipe.build_model(data.statistics)
         if done_file.exists():
