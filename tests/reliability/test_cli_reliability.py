@@ -41,7 +41,8 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def assert_same_weights(a: Path, b: Path) -> float:
     first, second = load_checkpoint_file(a), load_checkpoint_file(b)
     assert first["global_step"] == second["global_step"]
-    diff = max((first["model"][k] - second["model"][k]).abs().max().item() for k in first["model"])
+    # double(): the state holds a bool buffer (trained_elements), which torch cannot subtract.
+    diff = max((first["model"][k].double() - second["model"][k].double()).abs().max().item() for k in first["model"])
     assert diff <= 1e-6
     return diff
 
