@@ -98,6 +98,13 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
         loop = ActiveLoop(loop_config, sampling, lambda: make_calculator(teacher["name"], **teacher["kwargs"]), recipe)
     except ValueError as error:  # the budget cannot hold round 0: said before any work
         raise CLIError(str(error)) from None
+    held_out = int(cfg.data.get("num_val") or 0) + int(cfg.data.get("num_test") or 0)
+    if loop.most_structures() <= held_out:
+        raise CLIError(
+            f"The final training set can hold at most {loop.most_structures()} structures (round 0 and "
+            f"distill.rounds x distill.per_round), too few for data.num_val={cfg.data.num_val} and "
+            f"data.num_test={cfg.data.num_test} with any left to train on: lower them or sample more."
+        )
     try:
         result = loop.run()
     except TrainingInterrupted as error:

@@ -342,6 +342,13 @@ class ActiveLoop:
                 "snapshots_per_run, temperatures, hessian_rows, or md_driver: emt)."
             )
 
+    def most_structures(self) -> int:
+        """The most structures the final training set can hold: round 0's largest size plus every round's
+        ``per_round`` (before deduplication and the budget make it smaller)."""
+        s = self.sampling
+        round0 = len(s.seeds()) + s.num_rattle + len(s.temperatures) * s.runs_per_temperature * s.snapshots_per_run
+        return round0 + self.config.rounds * self.config.per_round
+
     def state_directory(self) -> Path:
         """The keyed directory holding the rounds."""
         if self.config.state_dir is not None:
