@@ -119,17 +119,24 @@ UNITS = {
     "ns_per_day": "ns/day",
     "atom_steps_per_s": "atom-steps/s",
     "wall_s": "s",
+    "temperature_mean": "K",
+    "fresh_force_mae": "meV/Å",
+    "force_mae_rel": "x std",
+    "fresh_force_mae_rel": "x std",
+    "teacher_calls": "calls",
+    "seconds": "s",
 }
 """Units of metrics, by the last part of their name that names a metric (``test/force_mae`` and
 ``test/force_mae/Cu`` -> ``force_mae``; parts that name a group, such as ``config_type=md_600K``, are skipped)."""
 
 
 def unit_of(name: str) -> str:
-    """The unit of metric ``name`` ("" when it has none or is unknown)."""
+    """The unit of metric ``name`` ("" when it has none or is unknown); names ending in ``_s`` are seconds."""
     for part in reversed(name.split("/")):
         if part in UNITS:
             return UNITS[part]
-    return ""
+    leaf = name.rsplit("/", 1)[-1]
+    return "s" if leaf.endswith("_s") else ""
 
 
 def format_value(name: str, value: Any) -> str:

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mlff_distiller.cli import (
+    EXIT_VERDICT_FAILED,
     CLIError,
     fail,
     in_multirun,
@@ -60,9 +61,12 @@ def main(cfg: DictConfig) -> float | None:
             raise
         if isinstance(error, (CLIError, ConfigError)) or is_instantiation_error(error):
             fail("mlff-train", error)
+        from mlff_distiller.distill.gate import DistillationFailed
         from mlff_distiller.teachers.calculators import TeacherUnavailableError
         from mlff_distiller.training import CheckpointError, NonFiniteLossError
 
+        if isinstance(error, DistillationFailed):
+            fail("mlff-train", error, EXIT_VERDICT_FAILED)
         if isinstance(error, (CheckpointError, NonFiniteLossError, TeacherUnavailableError)):
             fail("mlff-train", error)
         raise
@@ -116,9 +120,13 @@ def train(cfg: DictConfig) -> float | None:
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),  # rebuilds the student later
         "overrides": task_overrides(),
     }
+
+    from mlff_distiller.distill.compose import active_loop, check_verdict, final_report
+
+    loop = active_loop(cfg, training_config)  # a distillation recipe's rounds; None without `distill`
     if cfg.seed is not None:
         seed_everything(cfg.seed)  # model initialisation and data generation are reproducible too
-    data = instantiate(cfg.data)
+    data = instantiate(cfg.data, **({"path": str(loop.dataset)} if loop is not None else {}))
     statistics = getattr(data, "statistics", None)
     model = instantiate(cfg.model, **({"statistics": statistics} if statistics is not None else {}))
     loss = instantiate(cfg.loss)
@@ -153,9 +161,10 @@ def train(cfg: DictConfig) -> float | None:
     )
     metrics.update(_evaluate_test_split(trainer, data, show=main_process))
     if cfg.get("distill_report") and main_process:
-        metrics.update(_distill_report(cfg, trainer, data, output_dir))
+        metrics.update(final_report(cfg, trainer, data, output_dir, loop))
     if main_process:
         write_json(output_dir / "metrics.json", metrics)
+    check_verdict(metrics)  # a failed distillation verdict exits with code 3, after everything is written
     log.info(
         "Best %s = %s at epoch %s; outputs in %s", trainer.monitor, trainer.best_metric, trainer.best_epoch, output_dir
     )
@@ -174,27 +183,6 @@ def _training_config(cfg: DictConfig) -> TrainingConfig:
                 f"'{group}' group (e.g. {group}={example}); trainer.{field} is only read by the Python API."
             )
     return config
-
-
-def _distill_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path) -> dict[str, float]:
-    """Student (best checkpoint, EMA weights) vs teacher on the test split: accuracy, speed, NVE run."""
-    import copy
-
-    from mlff_distiller.distill_report import distillation_report, print_report
-    from mlff_distiller.teachers.calculators import make_calculator
-    from mlff_distiller.training import load_model_weights
-
-    best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
-    if best is None or not best.is_file() or not hasattr(data, "structures"):
-        log.warning("distill_report needs checkpoints and a data module with a test split; skipped.")
-        return {}
-    student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
-    test = data.structures("test")  # from data.test_path when given
-    teacher = make_calculator(cfg.teacher.name, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
-    options = OmegaConf.to_container(cfg.distill_report, resolve=True)
-    report = distillation_report(student, teacher, test, output_dir, seed=cfg.seed, **options)
-    print_report(report)
-    return {f"distill/{name}": value for name, value in report.items()}
 
 
 def _epoch_metrics_to_log_file() -> None:

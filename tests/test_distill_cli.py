@@ -1,5 +1,6 @@
-"""`mlff-train experiment=distill_smoke`: the distillation path end to end (sample, label with Hessian rows,
-train with the Hessian loss, report student vs teacher) with EMT standing in for the foundation model."""
+"""`mlff-train experiment=distill_smoke`: the distillation path end to end (round 0, the active loop, the final
+student, the report and its verdict) with EMT standing in for the foundation model; an undertrained student
+fails its verdict with exit code 3 after writing everything."""
 
 from __future__ import annotations
 
@@ -12,39 +13,65 @@ from pathlib import Path
 import ase.io
 import pytest
 
+from mlff_distiller.cli import EXIT_VERDICT_FAILED
+
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(not (BIN / "mlff-train").exists(), reason="mlff-train is not installed")
 
 
-def test_distill_smoke_runs_end_to_end(tmp_path):
+def run_cli(tmp_path, *overrides):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run(
-        [str(BIN / "mlff-train"), "experiment=distill_smoke", "logger=none", "hydra.run.dir=run"],
+    return subprocess.run(
+        [str(BIN / "mlff-train"), "experiment=distill_smoke", "logger=none", "hydra.run.dir=run", *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
+
+
+def test_distill_smoke_runs_end_to_end(tmp_path):
+    result = run_cli(tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert (run / "parity.png").stat().st_size > 1000
-    assert metrics["distill/test/num_structures"] >= 4
-    assert 0 < metrics["distill/test/hessian_mae"] < 1e6 and 0 < metrics["distill/test/force_mae"] < 5000
-    assert metrics["distill/speed/32/student_per_s"] > 0 and metrics["distill/speed/32/teacher_per_s"] > 0
-    assert metrics["distill/md/stable"] in (0.0, 1.0, True, False)
-    assert "Student vs teacher" in output and "hessian_mae" in output
-    # The labelled file keeps each structure's provenance and its teacher Hessian rows.
-    cache = Path(os.environ["XDG_CACHE_HOME"]) / "mlff_distiller/datasets"
-    (data_file,) = [
-        p for p in cache.glob("distill_*.extxyz") if ".sampled." not in p.name and ".partial." not in p.name
-    ]
-    structures = ase.io.read(data_file, ":")
+    for name in ("parity.png", "learning_curve.png"):
+        assert (run / name).stat().st_size > 1000
+    # Round 0, two active rounds within the budget, the final student, its report and a passing verdict.
+    assert metrics["distill/loop/rounds"] == 2 and metrics["distill/teacher_calls/train"] <= 80
+    assert metrics["distill/teacher_calls/train"] == metrics["distill/teacher_calls/round0"] + sum(
+        metrics[f"distill/loop/round_{r}/teacher_calls"] for r in (1, 2)
+    )
+    assert metrics["distill/test/num_structures"] >= 4 and 0 < metrics["distill/test/force_mae"] < 5000
+    assert metrics["distill/fresh/num_structures"] == 3 and metrics["distill/fresh/force_mae_rel"] < 0.5
+    assert metrics["distill/speed/8/student_per_s"] > 0 and metrics["distill/speed/8/teacher_per_s"] > 0
+    assert metrics["distill/gate/passed"] == 1.0 and metrics["distill/gate/nvt/time_ps"] == pytest.approx(0.3)
+    assert metrics["distill/verdict"] == "pass" and metrics["distill/reasons"] == []
+    for phase in ("round0_s", "rounds_s", "final_training_s", "report_s", "total_s"):
+        assert metrics[f"distill/time/{phase}"] >= 0
+    assert "Student vs teacher" in output and "verdict" in output
+    # The final training set keeps each structure's provenance, the active rounds' included.
+    (final,) = Path(os.environ["XDG_CACHE_HOME"]).glob("mlff_distiller/datasets/active_cu_emt_*/train_set_003.extxyz")
+    structures = ase.io.read(final, ":")
     assert all("provenance" in atoms.info for atoms in structures)
-    assert any(atoms.info["provenance"].startswith("md:") for atoms in structures)
-    assert all("hessian_rows" in atoms.arrays for atoms in structures)
+    explored = [a for a in structures if a.info["provenance"].startswith("explore:")]
+    assert len(explored) == metrics["distill/loop/round_1/selected"] + metrics["distill/loop/round_2/selected"]
+    assert all({"round", "driver", "temperature_K", "score"} <= set(a.info) for a in explored)
+
+
+def test_an_undertrained_student_fails_its_verdict_with_exit_code_3(tmp_path):
+    result = run_cli(
+        tmp_path, "distill.rounds=0", "trainer.max_epochs=1", "trainer.learning_rate=1e-6", "trainer.min_lr=0"
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == EXIT_VERDICT_FAILED == 3, output[-4000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())  # written before the exit
+    assert metrics["distill/verdict"] == "fail" and metrics["distill/loop/rounds"] == 0
+    assert any(reason.startswith("fresh/force_mae_rel = ") for reason in metrics["distill/reasons"])
+    assert json.loads((tmp_path / "run" / "distill_report.json").read_text())["verdict"] == "fail"
+    assert "mlff-train: error: the distilled student failed its verdict" in result.stderr and "Try:" in result.stderr
 
 
 def test_a_missing_teacher_package_stops_before_any_work(monkeypatch):

@@ -7,19 +7,18 @@ labels them with a teacher and caches the result under a hash of its configurati
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import inspect
-import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .cache import announce, build_once, cache_files, canonical, commit_dataset, default_cache_dir, file_tag
+from .structures import LATTICE_CONSTANTS, fresh_copy, langevin_snapshots, random_alloy
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -27,101 +26,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-LABELS = ["energy", "forces", "stress"]  # part of the cache key: a set labelled with fewer is rebuilt
 """Bump when the recipe changes so cached datasets are rebuilt."""
+LABELS = ["energy", "forces", "stress"]  # part of the cache key: a set labelled with fewer is rebuilt
 
-LATTICE_CONSTANTS = {"Cu": 3.61, "Au": 4.08, "Ag": 4.09, "Ni": 3.52, "Pd": 3.89, "Pt": 3.92, "Al": 4.05}
-"""Experimental fcc lattice constants, Å (elements EMT knows)."""
-
-
-def default_cache_dir() -> Path:
-    """``${XDG_CACHE_HOME:-~/.cache}/mlff_distiller/datasets``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlff_distiller" / "datasets"
-
-
-def _random_strain(rng: np.random.Generator, strain_max: float) -> np.ndarray:
-    """I + symmetric strain with components uniform in [-strain_max, strain_max]."""
-    strain = rng.uniform(-strain_max, strain_max, size=(3, 3))
-    return np.eye(3) + 0.5 * (strain + strain.T)
+__all__ = [
+    "GENERATOR_VERSION",
+    "LATTICE_CONSTANTS",
+    "build_default_dataset",
+    "default_cache_dir",
+    "generate_alloy_structures",
+]
 
 
-def _random_alloy(
+def _alloy_cell(
     rng: np.random.Generator,
     elements: tuple[str, str],
     fraction_range: tuple[float, float],
-    supercell: tuple[int, int, int],
+    repeat: tuple[int, int, int],
     strain_max: float,
 ) -> Atoms:
     """A cubic fcc supercell with a random fraction of ``elements[1]``, Vegard lattice constant, random strain."""
     from ase.build import bulk
-    from ase.data import atomic_numbers
 
     host, solute = elements
-    atoms = bulk(host, "fcc", a=1.0, cubic=True).repeat(supercell)
-    n = len(atoms)
-    fraction = rng.uniform(*fraction_range)
-    n_solute = int(round(fraction * n))
-    numbers = atoms.numbers.copy()
-    numbers[rng.permutation(n)[:n_solute]] = atomic_numbers[solute]
-    atoms.numbers = numbers
-    x = n_solute / n
-    lattice = (1 - x) * LATTICE_CONSTANTS[host] + x * LATTICE_CONSTANTS[solute]
-    cell = atoms.cell.array * lattice @ _random_strain(rng, strain_max)
-    atoms.set_cell(cell, scale_atoms=True)
-    return atoms
-
-
-def _fresh(atoms: Atoms, **info: Any) -> Atoms:
-    """Copy of ``atoms`` without calculator, velocities or constraints; positions wrapped into the cell."""
-    from ase import Atoms as AseAtoms
-
-    out = AseAtoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-    out.wrap()
-    out.info.update(info)
-    return out
-
-
-def _md_snapshots(
-    atoms: Atoms,
-    rng: np.random.Generator,
-    temperature: float,
-    count: int,
-    timestep_fs: float,
-    friction_per_fs: float,
-    equilibration_steps: int,
-    interval: int,
-    calculator: Any | None = None,
-) -> list[Atoms]:
-    """``count`` snapshots, one every ``interval`` steps after ``equilibration_steps``, of a Langevin run
-    from Maxwell-Boltzmann momenta at ``temperature`` driven by ``calculator`` (default: EMT)."""
-    from ase import units
-    from ase.calculators.emt import EMT
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
-
-    atoms = atoms.copy()
-    atoms.calc = EMT() if calculator is None else calculator
-    # Maxwell-Boltzmann momenta (written out: ASE renamed its helper in 3.29), centre-of-mass motion removed.
-    masses = atoms.get_masses()[:, None]
-    momenta = rng.standard_normal((len(atoms), 3)) * np.sqrt(masses * units.kB * temperature)
-    momenta -= masses * (momenta.sum(0) / masses.sum())
-    atoms.set_momenta(momenta)
-    atoms.set_constraint(FixCom())  # ASE's recommended replacement for Langevin(fixcm=True)
-    dynamics = Langevin(
-        atoms,
-        timestep=timestep_fs * units.fs,
-        temperature_K=temperature,
-        friction=friction_per_fs / units.fs,
-        fixcm=False,
-        rng=rng,
-    )
-    dynamics.run(equilibration_steps)
-    snapshots = []
-    for _ in range(count):
-        dynamics.run(interval)
-        snapshots.append(atoms.copy())
-    return snapshots
+    lattice = bulk(host, "fcc", a=1.0, cubic=True).repeat(repeat)
+    constants = (LATTICE_CONSTANTS[host], LATTICE_CONSTANTS[solute])
+    return random_alloy(lattice, solute, fraction_range, constants, rng, strain_max)
 
 
 def generate_alloy_structures(
@@ -175,10 +105,10 @@ def generate_alloy_structures(
     solute_key = f"fraction_{elements[1]}"
     for k in range(n_rattle):
         rng = np.random.default_rng(streams[k])
-        atoms = _random_alloy(rng, elements, fraction_range, supercell, strain_max)
+        atoms = _alloy_cell(rng, elements, fraction_range, supercell, strain_max)
         atoms.positions += rng.normal(0.0, rattle_std, size=atoms.positions.shape)
         fraction = float(np.mean(atoms.symbols == elements[1]))
-        structures.append(_fresh(atoms, config_type="rattle", **{solute_key: fraction}))
+        structures.append(fresh_copy(atoms, config_type="rattle", **{solute_key: fraction}))
 
     remaining = n_md
     for run in range(n_runs):
@@ -186,14 +116,14 @@ def generate_alloy_structures(
         temperature = temperatures[run % len(temperatures)]
         count = min(snapshots_per_run, remaining)
         remaining -= count
-        atoms = _random_alloy(rng, elements, fraction_range, supercell, strain_max)
+        atoms = _alloy_cell(rng, elements, fraction_range, supercell, strain_max)
         fraction = float(np.mean(atoms.symbols == elements[1]))
-        snapshots = _md_snapshots(
+        snapshots = langevin_snapshots(
             atoms, rng, temperature, count, timestep_fs, friction_per_fs, equilibration_steps, snapshot_interval
         )
         for i, snapshot in enumerate(snapshots):
             info = {"config_type": f"md_{temperature:g}K", "md_run": run, "md_snapshot": i, solute_key: fraction}
-            structures.append(_fresh(snapshot, **info))
+            structures.append(fresh_copy(snapshot, **info))
 
     for index, atoms in enumerate(structures):
         atoms.info["generator_index"] = index
@@ -224,96 +154,7 @@ def _dataset_config(num_structures: int, seed: int, teacher: str, teacher_kwargs
         "generator": generator,
     }
     # JSON round trip: tuples become lists, so the hash depends on values, not on container types.
-    return json.loads(json.dumps(config, sort_keys=True, default=_jsonable))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if hasattr(value, "items"):  # e.g. an OmegaConf DictConfig
-        return dict(value.items())
-    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
-        return list(value)
-    raise TypeError(f"{value!r} cannot be part of a dataset configuration (it must be JSON-serialisable).")
-
-
-def _commit_dataset(partial: Path, path: Path, sidecar: Path, **meta: Any) -> None:
-    """Write the JSON sidecar (``meta`` plus the file's size and hash), then rename the finished
-    ``partial`` file to ``path``: the final name appears only for a complete set."""
-    meta.update(file=path.name, bytes=partial.stat().st_size, sha256=_sha256(partial))
-    temporary = sidecar.with_name(sidecar.name + ".tmp")
-    temporary.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, sidecar)
-    os.replace(partial, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (POSIX ``flock``; no-op where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no cross-process lock; the atomic rename still protects the result
-        yield
-        return
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _tag(text: Any) -> str:
-    """``text`` as a file-name part: lower case, anything but letters and digits as ``_``."""
-    return "".join(c if c.isalnum() else "_" for c in str(text).lower())
-
-
-def _cache_files(cache_dir: str | os.PathLike[str] | None, name: str, config: dict) -> tuple[Path, Path]:
-    """A cached set's file and JSON sidecar: ``<cache_dir>/<name>_<hash12>.{extxyz,json}``, hashing ``config``."""
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return directory / f"{name}_{key}.extxyz", directory / f"{name}_{key}.json"
-
-
-@contextlib.contextmanager
-def _build_once(path: Path, sidecar: Path, config: dict, progress: bool) -> Iterator[bool]:
-    """Yields True while the caller holds the set's lock and must build it; False when a complete cached
-    set is there (also when another process finished it while this one waited for the lock)."""
-    if not _is_complete(path, sidecar, config):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(path.with_suffix(".lock")):
-            if not _is_complete(path, sidecar, config):
-                yield True
-                return
-    _announce(f"Using cached dataset {path}", progress)
-    yield False
-
-
-def _is_complete(path: Path, sidecar: Path, config: dict) -> bool:
-    if not (path.exists() and sidecar.exists()):
-        return False
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return False
-    if meta.get("config") != config or meta.get("bytes") != path.stat().st_size:
-        log.warning("%s does not match its sidecar %s; rebuilding it.", path, sidecar)
-        return False
-    return True
-
-
-def _announce(message: str, progress: bool) -> None:
-    log.info(message)
-    if progress:
-        print(message, file=sys.stderr, flush=True)
+    return canonical(config)
 
 
 def build_default_dataset(
@@ -350,13 +191,13 @@ def build_default_dataset(
     if site_energies:
         config["labels"] = [*LABELS, "site_energies"]
     elements = "".join(e.lower() for e in config["generator"]["elements"])
-    path, sidecar = _cache_files(cache_dir, f"{elements}_{_tag(teacher)}", config)
+    path, sidecar = cache_files(cache_dir, f"{elements}_{file_tag(teacher)}", config)
     directory, stem = path.parent, path.stem
-    with _build_once(path, sidecar, config, progress) as build:
+    with build_once(path, sidecar, config, progress) as build:
         if not build:
             return path
         started = time.perf_counter()
-        _announce(f"Building dataset ({num_structures} structures, teacher {teacher!r}) -> {path}", progress)
+        announce(f"Building dataset ({num_structures} structures, teacher {teacher!r}) -> {path}", progress)
         structures = generate_alloy_structures(num_structures, seed, **config["generator"])
         generated = time.perf_counter()
         partial = directory / f"{stem}.partial.extxyz"
@@ -373,7 +214,7 @@ def build_default_dataset(
             workers=label_workers,
         )
         labelled = time.perf_counter()
-        _commit_dataset(
+        commit_dataset(
             partial,
             path,
             sidecar,
@@ -385,5 +226,5 @@ def build_default_dataset(
         )
         cost_path(partial).unlink(missing_ok=True)  # now in the sidecar
         timing = f"generated in {generated - started:.1f} s, labelled in {labelled - generated:.1f} s"
-        _announce(f"Dataset ready: {path} ({timing})", progress)
+        announce(f"Dataset ready: {path} ({timing})", progress)
     return path

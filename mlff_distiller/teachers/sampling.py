@@ -12,36 +12,38 @@ student), and drops duplicates (:func:`deduplicate`). Every structure records ho
 ``rattle``, ``md_600K``) and, for MD, ``md_run`` (the split's group key), ``md_snapshot`` and
 ``temperature_K``. :func:`build_distillation_dataset` labels them with a teacher (optionally with Hessian
 rows) into a cached, resumable file, as :func:`~mlff_distiller.teachers.generate.build_default_dataset`
-does for the built-in set.
+does for the built-in set; :class:`SamplingConfig` is its typed, validated recipe.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import inspect
 import logging
+import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .generate import (
-    LATTICE_CONSTANTS,
-    _announce,
-    _build_once,
-    _cache_files,
-    _commit_dataset,
-    _fresh,
-    _jsonable,
-    _md_snapshots,
-    _random_strain,
-    _sha256,
-    _tag,
-)
+from .cache import announce, build_once, cache_files, canonical, commit_dataset, file_tag, sha256_file
 from .hessian import DEFAULT_DELTA
+from .structures import (
+    default_timestep_fs,
+    fresh_copy,
+    langevin_snapshots,
+    random_alloy,
+    random_strain,
+    supercell,
+)
+from .structures import (
+    lattice_constant as reference_lattice_constant,
+)
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -73,29 +75,6 @@ def _is_molecule(name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _supercell(atoms: Atoms, min_atoms: int) -> Atoms:
-    """Repeat ``atoms`` along its shortest (repeated) lattice vector until it has at least ``min_atoms``."""
-    repeat = np.ones(3, dtype=int)
-    lengths = atoms.cell.lengths()
-    while len(atoms) * repeat.prod() < min_atoms:
-        repeat[int(np.argmin(lengths * repeat))] += 1
-    return atoms.repeat(tuple(repeat))
-
-
-def _lattice_constant(symbol: str, structure: str) -> float:
-    from ase.data import atomic_numbers, reference_states
-
-    if structure == "fcc" and symbol in LATTICE_CONSTANTS:
-        return LATTICE_CONSTANTS[symbol]
-    state = reference_states[atomic_numbers[symbol]] or {}
-    if state.get("symmetry") != structure or "a" not in state:
-        raise ValueError(
-            f"No {structure} lattice constant is known for {symbol} (its reference structure is "
-            f"{state.get('symmetry')!r}); an alloy needs elements whose reference structures match."
-        )
-    return float(state["a"])
 
 
 def seed_structures(
@@ -132,10 +111,14 @@ def seed_structures(
         if not structures:
             raise ValueError(f"The seed file {str(path)!r} holds no structures.")
         return [
-            _fresh(atoms, provenance=f"seed:file={Path(path).name}:index={i}") for i, atoms in enumerate(structures)
+            fresh_copy(atoms, provenance=f"seed:file={Path(path).name}:index={i}") for i, atoms in enumerate(structures)
         ]
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
+    if system == "water" and kind == "auto":  # the built-in liquid; "H2O" stays the single molecule
+        from .systems import water_seeds
+
+        return water_seeds(min_atoms, num_seeds, seed)
     elements = _elements(system)
     if kind == "auto":
         if elements is not None and len(elements) == 1:
@@ -153,7 +136,7 @@ def seed_structures(
         atoms = molecule(system)
         atoms.center(vacuum=vacuum)
         atoms.pbc = False
-        return [_fresh(atoms, provenance=f"seed:molecule={system}")]
+        return [fresh_copy(atoms, provenance=f"seed:molecule={system}")]
     if kind == "bulk":
         options = {"crystalstructure": crystalstructure, "a": lattice_constant}
         options = {k: v for k, v in options.items() if v is not None}
@@ -161,7 +144,7 @@ def seed_structures(
             cell = bulk(system, cubic=True, **options)
         except (ValueError, RuntimeError):  # hcp and friends have no cubic cell
             cell = bulk(system, orthorhombic=True, **options)
-        return [_fresh(_supercell(cell, min_atoms), provenance=f"seed:bulk={system}")]
+        return [fresh_copy(supercell(cell, min_atoms), provenance=f"seed:bulk={system}")]
     if elements is None or len(elements) != 2 or elements[0] == elements[1]:
         raise ValueError(f"An alloy system names two elements, e.g. 'CuAu'; got {system!r}.")
     from ase.data import atomic_numbers, reference_states
@@ -170,18 +153,14 @@ def seed_structures(
     structure = crystalstructure or (reference_states[atomic_numbers[host]] or {}).get("symmetry")
     if structure not in ("fcc", "bcc"):
         raise ValueError(f"Alloys are built on fcc or bcc lattices; {host}'s reference structure is {structure!r}.")
-    a_host, a_solute = _lattice_constant(host, structure), _lattice_constant(solute, structure)
+    constants = (reference_lattice_constant(host, structure), reference_lattice_constant(solute, structure))
     rng = np.random.default_rng([SAMPLER_VERSION, seed])
+    lattice = supercell(bulk(host, structure, a=1.0, cubic=True), min_atoms)
     seeds = []
     for k in range(num_seeds):
-        atoms = _supercell(bulk(host, structure, a=1.0, cubic=True), min_atoms)
-        count = int(round(rng.uniform(*fraction_range) * len(atoms)))
-        numbers = atoms.numbers.copy()
-        numbers[rng.permutation(len(atoms))[:count]] = atomic_numbers[solute]
-        atoms.numbers = numbers
-        x = count / len(atoms)
-        atoms.set_cell(atoms.cell.array * ((1 - x) * a_host + x * a_solute), scale_atoms=True)
-        seeds.append(_fresh(atoms, provenance=f"seed:alloy={system}:{solute}={x:.3f}:index={k}"))
+        atoms = random_alloy(lattice, solute, fraction_range, constants, rng)
+        x = float(np.mean(atoms.numbers == atomic_numbers[solute]))
+        seeds.append(fresh_copy(atoms, provenance=f"seed:alloy={system}:{solute}={x:.3f}:index={k}"))
     return seeds
 
 
@@ -198,16 +177,11 @@ def rattle_and_strain(
         index = i % len(seeds)
         atoms = seeds[index].copy()
         if atoms.pbc.all() and strain_max > 0:
-            atoms.set_cell(atoms.cell.array @ _random_strain(rng, strain_max), scale_atoms=True)
+            atoms.set_cell(atoms.cell.array @ random_strain(rng, strain_max), scale_atoms=True)
         atoms.positions += rng.normal(0.0, rattle_std, size=atoms.positions.shape)
         provenance = f"rattle:seed={index}:i={i}:std={rattle_std:g}:strain={strain_max:g}"
-        out.append(_fresh(atoms, provenance=provenance, config_type="rattle", seed_index=index))
+        out.append(fresh_copy(atoms, provenance=provenance, config_type="rattle", seed_index=index))
     return out
-
-
-def default_timestep_fs(atoms: Atoms) -> float:
-    """MD timestep when none is given: 0.5 fs with hydrogen (fast vibrations), else 2 fs."""
-    return 0.5 if 1 in atoms.numbers else 2.0
 
 
 def md_samples(
@@ -231,7 +205,7 @@ def md_samples(
         index = run % len(seeds)
         start = seeds[index]
         step = timestep_fs if timestep_fs is not None else default_timestep_fs(start)
-        snapshots = _md_snapshots(
+        snapshots = langevin_snapshots(
             start,
             np.random.default_rng(stream),
             temperature,
@@ -252,7 +226,7 @@ def md_samples(
                 "md_snapshot": i,
                 "temperature_K": temperature,
             }
-            out.append(_fresh(snapshot, **info))
+            out.append(fresh_copy(snapshot, **info))
     return out
 
 
@@ -297,54 +271,248 @@ def deduplicate(structures: Sequence[Atoms], tolerance: float = 0.01) -> list[At
     return kept
 
 
-def sample_structures(
-    seeds: Sequence[Atoms],
-    md_calculator: Any | None = None,
-    num_rattle: int = 32,
-    rattle_std: float = 0.05,
-    strain_max: float = 0.02,
-    temperatures: Sequence[float] = (300.0, 600.0),
-    runs_per_temperature: int = 1,
-    snapshots_per_run: int = 10,
-    timestep_fs: float | None = None,
-    friction_per_fs: float = 0.02,
-    equilibration_steps: int = 20,
-    snapshot_interval: int = 10,
-    dedup_tolerance: float = 0.01,
-    seed: int = 0,
-) -> list[Atoms]:
-    """The seeds, ``num_rattle`` rattled + strained copies and MD snapshots (needs ``md_calculator`` when
-    ``temperatures`` is not empty), deduplicated; each with its provenance in ``atoms.info``."""
+def sample_structures(seeds: Sequence[Atoms], md_calculator: Any | None, config: SamplingConfig) -> list[Atoms]:
+    """The seeds, ``config.num_rattle`` rattled + strained copies and MD snapshots (needs ``md_calculator`` when
+    ``config.temperatures`` is not empty), deduplicated; each with its provenance in ``atoms.info``."""
     if not seeds:
         raise ValueError("sample_structures needs at least one seed structure.")
-    seeds = [_fresh(atoms, **{"config_type": "seed", "seed_index": i, **atoms.info}) for i, atoms in enumerate(seeds)]
-    structures = list(seeds) + rattle_and_strain(seeds, num_rattle, rattle_std, strain_max, seed)
-    if temperatures and snapshots_per_run > 0:
+    seeds = [fresh_copy(a, **{"config_type": "seed", "seed_index": i, **a.info}) for i, a in enumerate(seeds)]
+    rattled = rattle_and_strain(seeds, config.num_rattle, config.rattle_std, config.strain_max, config.seed)
+    structures = list(seeds) + rattled
+    if config.temperatures and config.snapshots_per_run > 0:
         if md_calculator is None:
             raise ValueError("MD sampling at temperatures needs md_calculator (the teacher, EMT, a student...).")
         structures += md_samples(
             seeds,
             md_calculator,
-            temperatures,
-            runs_per_temperature,
-            snapshots_per_run,
-            timestep_fs,
-            friction_per_fs,
-            equilibration_steps,
-            snapshot_interval,
-            seed,
+            config.temperatures,
+            config.runs_per_temperature,
+            config.snapshots_per_run,
+            config.timestep_fs,
+            config.friction_per_fs,
+            config.equilibration_steps,
+            config.snapshot_interval,
+            config.seed,
         )
-    unique = deduplicate(structures, dedup_tolerance)
+    unique = deduplicate(structures, config.dedup_tolerance)
     if len(unique) < len(structures):
         log.info("Dropped %d duplicate structures of %d.", len(structures) - len(unique), len(structures))
     return unique
 
 
-# ---------------------------------------------------------------------- cached, labelled set
-def _autograd_rows(spec: Any, method: str, rows: int) -> bool:
-    """Whether the rows will be computed by autograd (``auto`` and the method it picks share a cached set)."""
-    teacher = spec.teacher
-    return rows > 0 and method != "fd" and teacher is not None and teacher.autograd_hessian
+# ---------------------------------------------------------------------- the typed recipe
+@dataclass
+class SamplingConfig:
+    """How a distillation set is made: the system, its sampling and its labelling by the teacher.
+
+    This is ``data.source`` of ``conf/data/distill.yaml`` (Hydra builds it from the YAML and checks every
+    field); calling it builds the labelled set, or finds it in the cache (:func:`build_distillation_dataset`),
+    which is what :class:`~mlff_distiller.data.module.AtomsDataModule` does with its ``source``. Fields marked
+    "(not in the cache key)" do not change the result.
+    """
+
+    system: str | None = None
+    """A built-in system by name (:func:`seed_structures`: ``"Cu"``, ``"CuAu"``, ``"H2O"``, ``"water"``) ..."""
+    seeds_path: str | None = None
+    """... or an ASE-readable file of seed structures (then ``system`` is null)."""
+    system_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of :func:`seed_structures` (``min_atoms``, ``num_seeds``, ``kind``, ...)."""
+    teacher: str = "emt"
+    """The labelling teacher's name (:func:`~mlff_distiller.teachers.calculators.make_calculator`)."""
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the teacher's calculator."""
+    seed: int = 0
+    """Seeds every random draw (alloy seeds, rattles, strains, MD, Hessian rows)."""
+    num_rattle: int = 32
+    """Rattled + strained copies of the seeds."""
+    rattle_std: float = 0.05
+    """Å, Gaussian displacement per component of the rattled copies."""
+    strain_max: float = 0.02
+    """Largest component of the random symmetric strain of rattled copies (periodic seeds)."""
+    temperatures: list[float] = field(default_factory=lambda: [300.0, 600.0])
+    """K; Langevin MD runs at each (empty: no MD)."""
+    runs_per_temperature: int = 1
+    """MD runs per temperature, cycling through the seeds."""
+    snapshots_per_run: int = 10
+    """Snapshots kept per MD run."""
+    timestep_fs: float | None = None
+    """fs; null: 0.5 fs with hydrogen, else 2 fs."""
+    friction_per_fs: float = 0.02
+    """Langevin friction, 1/fs."""
+    equilibration_steps: int = 20
+    """MD steps before the first snapshot."""
+    snapshot_interval: int = 10
+    """MD steps between snapshots."""
+    md_driver: str | None = None
+    """Calculator that drives the MD: null is the teacher; a teacher name (``"emt"``) or
+    ``"student:<checkpoint>"`` is cheaper, and the teacher then only labels."""
+    md_driver_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the MD driver."""
+    dedup_tolerance: float = 0.01
+    """Å / degrees; structures whose fingerprints are this close count as duplicates (:func:`deduplicate`)."""
+    hessian_rows: int = 0
+    """Rows of the teacher's energy Hessian per structure (by finite differences: 2 extra teacher calls each; by
+    autograd: one backward pass each, counted as one call)."""
+    hessian_delta: float = DEFAULT_DELTA
+    """Å, finite-difference displacement of the Hessian rows."""
+    hessian_method: str = "auto"
+    """``fd``, ``autograd`` or ``auto`` (autograd where the teacher allows it: chgnet, sevenn; :mod:`.hessian`)."""
+    site_energies: bool = False
+    """Also label the teacher's per-atom energies (emt, chgnet, sevenn)."""
+    label_workers: int = 1
+    """Label in this many processes, one thread each; the file is the same as with 1 (not in the cache key)."""
+    cache_dir: str | None = None
+    """Where labelled sets are cached; null: :func:`~mlff_distiller.teachers.cache.default_cache_dir`
+    (not in the cache key)."""
+    chunk_size: int = 20
+    """Structures labelled between two fsyncs of the partial file (not in the cache key)."""
+    progress: bool = True
+    """Progress bars and messages on stderr (not in the cache key)."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, accepted: str) -> ValueError:
+            value = getattr(self, name)
+            return ValueError(f"SamplingConfig.{name}={value!r} (data.source.{name}) is invalid: {accepted}.")
+
+        self.temperatures = [float(t) for t in self.temperatures]
+        self.system_options = dict(self.system_options)
+        self.teacher_kwargs = dict(self.teacher_kwargs)
+        self.md_driver_kwargs = dict(self.md_driver_kwargs)
+        accepted = set(inspect.signature(seed_structures).parameters) - {"system", "path", "seed"}
+        unknown = sorted(set(self.system_options) - accepted)
+        if unknown:
+            raise ValueError(
+                f"SamplingConfig.system_options has unknown keys {unknown} (data.source.system_options); "
+                f"accepted: {', '.join(sorted(accepted))}."
+            )
+        counts = ("num_rattle", "runs_per_temperature", "snapshots_per_run", "equilibration_steps", "hessian_rows")
+        for name in counts:
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
+                raise bad(name, "it must be an integer >= 0")
+        if self.snapshot_interval < 1:
+            raise bad("snapshot_interval", "it must be an integer >= 1")
+        if self.chunk_size < 1:
+            raise bad("chunk_size", "it must be an integer >= 1")
+        if self.label_workers < 1:
+            raise bad("label_workers", "it must be an integer >= 1")
+        if self.hessian_method not in ("fd", "autograd", "auto"):
+            raise bad("hessian_method", "accepted: 'fd', 'autograd', 'auto'")
+        for name in ("rattle_std", "dedup_tolerance", "friction_per_fs"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "it must be a finite number >= 0")
+        if not 0 <= self.strain_max < 0.5:
+            raise bad("strain_max", "it must be in [0, 0.5)")
+        if self.hessian_delta <= 0:
+            raise bad("hessian_delta", "it must be > 0 (Å)")
+        if self.timestep_fs is not None and not 0 < self.timestep_fs <= 10:
+            raise bad("timestep_fs", "it must be in (0, 10] fs, or null for the default")
+        if any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
+            raise bad("temperatures", "every temperature must be a finite number > 0 (K)")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> SamplingConfig:
+        """Build from a mapping, naming unknown keys and the accepted ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"Unknown sampling options {unknown}; accepted: {', '.join(sorted(names))}.")
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> SamplingConfig:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def cache_config(self) -> dict[str, Any]:
+        """Every setting that changes the labelled set, as canonical JSON (the cache key hashes it)."""
+        seeds_file = Path(self.seeds_path) if self.seeds_path is not None else None
+        sampling = {
+            name: getattr(self, name)
+            for name in (
+                "num_rattle",
+                "rattle_std",
+                "strain_max",
+                "temperatures",
+                "runs_per_temperature",
+                "snapshots_per_run",
+                "timestep_fs",
+                "friction_per_fs",
+                "equilibration_steps",
+                "snapshot_interval",
+                "md_driver",
+                "md_driver_kwargs",
+                "dedup_tolerance",
+            )
+        }
+        return canonical(
+            {
+                "dataset": "distill",
+                "sampler_version": SAMPLER_VERSION,
+                "system": self.system,
+                "seeds_sha256": sha256_file(seeds_file) if seeds_file is not None else None,
+                "system_options": self.system_options,
+                "teacher": str(self.teacher),
+                "teacher_kwargs": self.teacher_kwargs,
+                "seed": int(self.seed),
+                "sampling": sampling,
+                "labels": ["energy", "forces", "stress", *(["site_energies"] if self.site_energies else [])],
+                "hessian": {
+                    "rows": int(self.hessian_rows),
+                    "delta": float(self.hessian_delta),
+                    "seed": int(self.seed),
+                    # Only autograd is recorded: sets labelled by finite differences keep their cache key.
+                    **({"method": "autograd"} if self.autograd_rows() else {}),
+                },
+            }
+        )
+
+    def check_system(self) -> None:
+        """Raise ``ValueError`` unless exactly one of ``system`` and ``seeds_path`` is given."""
+        if (self.system is None) == (self.seeds_path is None):
+            raise ValueError(
+                f"SamplingConfig needs exactly one of system (a built-in system by name) or seeds_path (a file "
+                f"of seed structures), got system={self.system!r}, seeds_path={self.seeds_path!r} "
+                "(data.source.system / data.source.seeds_path)."
+            )
+        if self.seeds_path is not None and not Path(self.seeds_path).is_file():
+            raise ValueError(f"SamplingConfig.seeds_path={self.seeds_path!r} (data.source.seeds_path) is not a file.")
+
+    def seeds(self) -> list[Atoms]:
+        """The seed structures (:func:`seed_structures` with ``system_options``)."""
+        self.check_system()
+        return seed_structures(self.system, self.seeds_path, seed=self.seed, **self.system_options)
+
+    def name(self) -> str:
+        """A file-name tag of the system (the built-in name or the seed file's stem)."""
+        return file_tag(self.system if self.seeds_path is None else Path(self.seeds_path).stem)
+
+    def autograd_rows(self) -> bool:
+        """Whether the Hessian rows will be computed by autograd (``auto`` and the method it picks share a set)."""
+        from .calculators import CalculatorSpec
+
+        teacher = CalculatorSpec(self.teacher, self.teacher_kwargs).teacher
+        return (
+            self.hessian_rows > 0 and self.hessian_method != "fd" and teacher is not None and teacher.autograd_hessian
+        )
+
+    def teacher_calls_per_structure(self) -> int:
+        """Teacher calls that labelling one structure costs, as the labelling counts them
+        (``atoms.info["teacher_calls"]``): energy + forces (+ stress) is one call; Hessian rows add two calls each
+        by finite differences, one pass in all by autograd."""
+        if self.hessian_rows == 0:
+            return 1
+        return 2 if self.autograd_rows() else 1 + 2 * int(self.hessian_rows)
+
+    def md_teacher_calls(self) -> int:
+        """Teacher calls of the sampling MD when the teacher drives it (``md_driver`` null): one per step plus one
+        at the start of each run; 0 with another driver."""
+        if self.md_driver is not None or not self.temperatures or self.snapshots_per_run == 0:
+            return 0
+        runs = len(self.temperatures) * self.runs_per_temperature
+        return runs * (self.equilibration_steps + self.snapshots_per_run * self.snapshot_interval + 1)
+
+    def __call__(self) -> Path:
+        """Build the labelled set, or find it in the cache; returns its path."""
+        return build_distillation_dataset(self)
 
 
 def make_driver(name: str, **kwargs: Any) -> Any:
@@ -359,49 +527,21 @@ def make_driver(name: str, **kwargs: Any) -> Any:
     return make_calculator(name, **kwargs)
 
 
-def build_distillation_dataset(
-    system: str | None = None,
-    seeds_path: str | os.PathLike[str] | None = None,
-    teacher: str = "emt",
-    teacher_kwargs: dict[str, Any] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    system_options: dict[str, Any] | None = None,
-    num_rattle: int = 32,
-    rattle_std: float = 0.05,
-    strain_max: float = 0.02,
-    temperatures: Sequence[float] = (300.0, 600.0),
-    runs_per_temperature: int = 1,
-    snapshots_per_run: int = 10,
-    timestep_fs: float | None = None,
-    friction_per_fs: float = 0.02,
-    equilibration_steps: int = 20,
-    snapshot_interval: int = 10,
-    md_driver: str | None = None,
-    md_driver_kwargs: dict[str, Any] | None = None,
-    dedup_tolerance: float = 0.01,
-    hessian_rows: int = 0,
-    hessian_delta: float = DEFAULT_DELTA,
-    hessian_method: str = "auto",
-    site_energies: bool = False,
-    chunk_size: int = 20,
-    progress: bool = True,
-    label_workers: int = 1,
-) -> Path:
-    """Sample a system (:func:`seed_structures` + :func:`sample_structures`), label it with ``teacher`` (with
+# ---------------------------------------------------------------------- cached, labelled set
+def build_distillation_dataset(config: SamplingConfig) -> Path:
+    """Sample a system (:func:`seed_structures` + :func:`sample_structures`), label it with the teacher (with
     ``hessian_rows`` Hessian rows per structure), and return the cached extended-XYZ file.
 
-    ``md_driver`` None drives the MD with the teacher itself; a teacher name (e.g. ``"emt"``, cheap) or
+    ``config.md_driver`` None drives the MD with the teacher itself; a teacher name (e.g. ``"emt"``, cheap) or
     ``"student:<checkpoint>"`` drives it with that calculator, and the teacher only labels the snapshots.
     The file is ``<cache_dir>/distill_<system>_<teacher>_<hash12>.extxyz`` (default ``cache_dir``:
-    :func:`~mlff_distiller.teachers.generate.default_cache_dir`); the hash covers every setting and the
-    seed file's contents, and a JSON sidecar holds them with timings. Sampled structures are kept in
-    ``<stem>.sampled.extxyz`` and labelling resumes from ``<stem>.partial.extxyz``, so an interrupted
-    build repeats neither the (teacher-driven) MD nor finished labels; a file lock serialises builders.
-    Hessian rows are computed by ``hessian_method`` (``fd``, ``autograd``, ``auto``: autograd where the
-    teacher allows it; :mod:`.hessian`); ``site_energies`` also labels the teacher's per-atom energies;
-    ``label_workers`` labels in that many processes (the same file; not part of the cache key). The
-    sidecar records the teacher's cost (``teacher_cost``, see :func:`~.labelling.labelling_cost`).
+    :func:`~mlff_distiller.teachers.cache.default_cache_dir`); the hash covers every setting and the
+    seed file's contents (:meth:`SamplingConfig.cache_config`), and a JSON sidecar holds them with timings.
+    Sampled structures are kept in ``<stem>.sampled.extxyz`` and labelling resumes from
+    ``<stem>.partial.extxyz``, so an interrupted build repeats neither the (teacher-driven) MD nor finished
+    labels; a file lock serialises builders. Hessian rows are computed by ``hessian_method``; ``site_energies``
+    also labels the teacher's per-atom energies; ``label_workers`` labels in that many processes. The sidecar
+    records the teacher's cost (``teacher_cost``, see :func:`~.labelling.labelling_cost`).
     """
     import ase.io
 
@@ -409,70 +549,35 @@ def build_distillation_dataset(
     from .hessian import check_hessian_method_for
     from .labelling import cost_path, label_structures, labelling_cost
 
-    spec = CalculatorSpec(teacher, dict(teacher_kwargs or {}))
-    if site_energies:  # checked before any sampling
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"build_distillation_dataset takes a SamplingConfig, got {type(config).__name__}.")
+    config.check_system()
+    spec = CalculatorSpec(config.teacher, config.teacher_kwargs)
+    if config.site_energies:  # checked before any sampling
         check_site_energies(spec)
-    if hessian_rows > 0:
-        check_hessian_method_for(spec.teacher, hessian_method)
-
-    seeds_file = Path(seeds_path) if seeds_path is not None else None
-    config = json.loads(
-        json.dumps(
-            {
-                "dataset": "distill",
-                "sampler_version": SAMPLER_VERSION,
-                "system": system,
-                "seeds_sha256": _sha256(seeds_file) if seeds_file is not None else None,
-                "system_options": dict(system_options or {}),
-                "teacher": str(teacher),
-                "teacher_kwargs": dict(teacher_kwargs or {}),
-                "seed": int(seed),
-                "sampling": {
-                    "num_rattle": num_rattle,
-                    "rattle_std": rattle_std,
-                    "strain_max": strain_max,
-                    "temperatures": [float(t) for t in temperatures],
-                    "runs_per_temperature": runs_per_temperature,
-                    "snapshots_per_run": snapshots_per_run,
-                    "timestep_fs": timestep_fs,
-                    "friction_per_fs": friction_per_fs,
-                    "equilibration_steps": equilibration_steps,
-                    "snapshot_interval": snapshot_interval,
-                    "md_driver": md_driver,
-                    "md_driver_kwargs": dict(md_driver_kwargs or {}),
-                    "dedup_tolerance": dedup_tolerance,
-                },
-                "labels": ["energy", "forces", "stress", *(["site_energies"] if site_energies else [])],
-                "hessian": {
-                    "rows": int(hessian_rows),
-                    "delta": float(hessian_delta),
-                    "seed": int(seed),
-                    # Only autograd is recorded: sets labelled by finite differences keep their cache key.
-                    **({"method": "autograd"} if _autograd_rows(spec, hessian_method, hessian_rows) else {}),
-                },
-            },
-            sort_keys=True,
-            default=_jsonable,
-        )
-    )
-    system_tag = _tag(system if seeds_file is None else seeds_file.stem)
-    path, sidecar = _cache_files(cache_dir, f"distill_{system_tag}_{_tag(teacher)}", config)
-    directory, stem = path.parent, path.stem
-    with _build_once(path, sidecar, config, progress) as build:
+    if config.hessian_rows > 0:
+        check_hessian_method_for(spec.teacher, config.hessian_method)
+    key_config = config.cache_config()
+    path, sidecar = cache_files(config.cache_dir, f"distill_{config.name()}_{file_tag(config.teacher)}", key_config)
+    directory, stem, progress = path.parent, path.stem, config.progress
+    with build_once(path, sidecar, key_config, progress) as build:
         if not build:
             return path
         started = time.perf_counter()
-        teacher_calculator = make_calculator(teacher, **(teacher_kwargs or {}))
+        teacher_calculator = make_calculator(config.teacher, **config.teacher_kwargs)
         sampled_path = directory / f"{stem}.sampled.extxyz"
         if sampled_path.exists():
             structures = ase.io.read(sampled_path, index=":", format="extxyz")
-            _announce(f"Resuming from {len(structures)} sampled structures in {sampled_path}", progress)
+            announce(f"Resuming from {len(structures)} sampled structures in {sampled_path}", progress)
         else:
-            _announce(f"Sampling {system or seeds_file} for distillation (teacher {teacher!r}) -> {path}", progress)
-            seeds = seed_structures(system, seeds_file, seed=seed, **(system_options or {}))
-            driver = teacher_calculator if md_driver is None else make_driver(md_driver, **(md_driver_kwargs or {}))
-            sampling = {k: v for k, v in config["sampling"].items() if k not in ("md_driver", "md_driver_kwargs")}
-            structures = sample_structures(seeds, driver, seed=seed, **sampling)
+            where = config.system or config.seeds_path
+            announce(f"Sampling {where} for distillation (teacher {config.teacher!r}) -> {path}", progress)
+            driver = (
+                teacher_calculator
+                if config.md_driver is None
+                else make_driver(config.md_driver, **config.md_driver_kwargs)
+            )
+            structures = sample_structures(config.seeds(), driver, config)
             temporary = directory / f"{stem}.sampled.extxyz.tmp"
             ase.io.write(temporary, structures, format="extxyz")
             os.replace(temporary, sampled_path)
@@ -482,32 +587,32 @@ def build_distillation_dataset(
         partial = directory / f"{stem}.partial.extxyz"
         label_structures(
             structures,
-            spec if label_workers > 1 else teacher_calculator,
+            spec if config.label_workers > 1 else teacher_calculator,
             partial,
-            chunk_size=chunk_size,
+            chunk_size=config.chunk_size,
             progress=progress,
-            hessian_rows=hessian_rows,
-            hessian_delta=hessian_delta,
-            hessian_seed=seed,
-            hessian_method=hessian_method,
-            site_energies=site_energies,
-            workers=label_workers,
+            hessian_rows=config.hessian_rows,
+            hessian_delta=config.hessian_delta,
+            hessian_seed=config.seed,
+            hessian_method=config.hessian_method,
+            site_energies=config.site_energies,
+            workers=config.label_workers,
         )
         labelled = time.perf_counter()
-        _commit_dataset(
+        commit_dataset(
             partial,
             path,
             sidecar,
-            config=config,
+            config=key_config,
             num_structures=len(structures),
             seconds_sample=round(sampled - started, 2),
             seconds_label=round(labelled - sampled, 2),
             teacher_cost=labelling_cost(partial, per_structure=True),
-            label_workers=label_workers,
+            label_workers=config.label_workers,
         )
         cost_path(partial).unlink(missing_ok=True)  # now in the sidecar
         sampled_path.unlink(missing_ok=True)
-        _announce(
+        announce(
             f"Distillation set ready: {path} ({len(structures)} structures; sampled in {sampled - started:.1f} s, "
             f"labelled in {labelled - sampled:.1f} s)",
             progress,

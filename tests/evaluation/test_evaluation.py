@@ -15,7 +15,7 @@ from mlff_distiller.data import keys
 from mlff_distiller.data.batch import collate_atoms
 from mlff_distiller.data.dataset import atoms_to_graph
 from mlff_distiller.data.module import AtomsDataModule
-from mlff_distiller.distill_report import evaluate_against_labels
+from mlff_distiller.distill.accuracy import evaluate_against_labels
 from mlff_distiller.evaluation import evaluate_structures
 from mlff_distiller.losses.energy_force import EnergyForceLoss
 from mlff_distiller.models.base import UnknownElementError
@@ -89,7 +89,7 @@ def test_predictions_sit_next_to_the_labels_and_read_back(data, tmp_path):
 
 
 def test_a_superset_of_the_distillation_reports_accuracy(data):
-    """Hessian rows are compared too, with the same figures as distill_report.evaluate_against_labels."""
+    """Hessian rows are compared too, with the same figures as distill.accuracy.evaluate_against_labels."""
     structures = []
     for index, atoms in enumerate(mixed_structures(4, seed=7)[:2] + mixed_structures(4, seed=8)[3:]):
         label_hessian_rows(atoms, EMT(), rows=2, seed=0, index=index)

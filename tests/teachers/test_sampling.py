@@ -14,6 +14,7 @@ from mlff_distiller.teachers import calculators as calculators_module
 from mlff_distiller.teachers import read_labelled
 from mlff_distiller.teachers.hessian import stored_hessian_rows
 from mlff_distiller.teachers.sampling import (
+    SamplingConfig,
     build_distillation_dataset,
     deduplicate,
     rattle_and_strain,
@@ -96,15 +97,10 @@ def test_deduplicate_removes_moved_permuted_copies_and_keeps_rattled_ones():
 
 def test_sampled_structures_carry_provenance():
     seeds = seed_structures("CuAu", num_seeds=2, min_atoms=8)
-    structures = sample_structures(
-        seeds,
-        EMT(),
-        num_rattle=5,
-        temperatures=(300, 900),
-        snapshots_per_run=3,
-        equilibration_steps=5,
-        snapshot_interval=5,
+    config = SamplingConfig(
+        num_rattle=5, temperatures=(300, 900), snapshots_per_run=3, equilibration_steps=5, snapshot_interval=5
     )
+    structures = sample_structures(seeds, EMT(), config)
     kinds = [atoms.info["config_type"] for atoms in structures]
     assert kinds.count("rattle") == 5 and kinds.count("md_300K") == 3 and kinds.count("md_900K") == 3
     assert all("provenance" in atoms.info for atoms in structures)
@@ -129,19 +125,19 @@ def _counting_teachers(monkeypatch, counting_emt, fail_after=None):
 
 
 def test_distillation_set_is_cached_labelled_with_rows_and_resumable(tmp_path, monkeypatch, counting_emt):
+    def small(cache: str, **changes) -> SamplingConfig:
+        options = {"system": "Cu", "cache_dir": str(tmp_path / cache), "md_driver": "emt", "progress": False}
+        return SamplingConfig(**{**options, **SMALL, **changes})
+
     made = _counting_teachers(monkeypatch, counting_emt, fail_after=20)
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        build_distillation_dataset(
-            "Cu", cache_dir=tmp_path / "a", md_driver="emt", chunk_size=2, progress=False, **SMALL
-        )
+        build_distillation_dataset(small("a", chunk_size=2))
     assert len(made) == 2 and made[1].calls > 0  # the cheap MD driver ran
     assert len(list((tmp_path / "a").glob("*.sampled.extxyz"))) == 1
     assert not [p for p in (tmp_path / "a").glob("*.extxyz") if p.name.count(".") == 1]  # no final-looking file
 
     made = _counting_teachers(monkeypatch, counting_emt)
-    path = build_distillation_dataset(
-        "Cu", cache_dir=tmp_path / "a", md_driver="emt", chunk_size=2, progress=False, **SMALL
-    )
+    path = build_distillation_dataset(small("a", chunk_size=2))
     assert len(made) == 1  # no MD again: the sampled structures were kept
     frames = read_labelled(path)
     # 1 seed + 6 rattled + 3 MD snapshots; 3 calls each (energy+forces, 2 for the Hessian row); 6 done before
@@ -155,9 +151,42 @@ def test_distillation_set_is_cached_labelled_with_rows_and_resumable(tmp_path, m
     assert meta["num_structures"] == 10 and meta["config"]["hessian"]["rows"] == 1
 
     made = _counting_teachers(monkeypatch, counting_emt)
-    assert build_distillation_dataset("Cu", cache_dir=tmp_path / "a", md_driver="emt", progress=False, **SMALL) == path
+    assert small("a")() == path  # calling the config builds (here: finds) the set
     assert made == []  # cached: no calculator built
-    fresh = build_distillation_dataset(
-        "Cu", cache_dir=tmp_path / "b", md_driver="emt", chunk_size=2, progress=False, **SMALL
-    )
+    fresh = build_distillation_dataset(small("b", chunk_size=2))
     assert fresh.name == path.name and fresh.read_bytes() == path.read_bytes()
+
+
+def test_sampling_config_is_checked_and_names_the_bad_field(tmp_path):
+    with pytest.raises(ValueError, match=r"SamplingConfig.num_rattle=-1 \(data.source.num_rattle\).*>= 0"):
+        SamplingConfig(system="Cu", num_rattle=-1)
+    with pytest.raises(ValueError, match=r"unknown keys \['min_atom'\].*accepted: .*min_atoms"):
+        SamplingConfig(system="Cu", system_options={"min_atom": 8})
+    with pytest.raises(ValueError, match="temperatures"):
+        SamplingConfig(system="Cu", temperatures=[300, -5])
+    with pytest.raises(ValueError, match="exactly one of system"):
+        SamplingConfig(cache_dir=str(tmp_path))()  # checked before any work
+    with pytest.raises(ValueError, match="Unknown sampling options"):
+        SamplingConfig.from_dict({"system": "Cu", "num_ratle": 3})
+    assert SamplingConfig(system="Cu", hessian_rows=2).teacher_calls_per_structure() == 5
+
+
+def test_cache_keys_of_existing_sets_are_kept():
+    """Users' cached sets stay valid: these names were computed by the code before the teachers API became
+    public modules (commit 364fb48), for the default built-in set and the distill_chgnet recipe's set."""
+    from mlff_distiller.teachers.cache import cache_files, cache_key
+    from mlff_distiller.teachers.generate import _dataset_config
+
+    default_set, _ = cache_files(None, "cuau_emt", _dataset_config(1100, 0, "emt", {}, {}))
+    assert default_set.name == "cuau_emt_f60ba9053c92.extxyz"
+    recipe = SamplingConfig(
+        system="CuAu",
+        teacher="chgnet",
+        system_options={"min_atoms": 32},
+        num_rattle=120,
+        temperatures=[300, 600, 900],
+        snapshots_per_run=15,
+        snapshot_interval=5,
+        hessian_rows=2,
+    )
+    assert cache_key(recipe.cache_config()) == "2b5dbdc002fe"

@@ -1,11 +1,13 @@
 """Distillation end to end at toy size, EMT standing in for the teacher: sample + label with Hessian rows,
-train a tiny SchNet with the Hessian loss (switching on mid-run), and report against the teacher."""
+train a tiny SchNet with the Hessian loss (switching on mid-run), and report against the teacher: sampled
+split, fresh frames of the student's own MD (teacher-labelled), speed, the stability gate and the verdict."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import ase.io
 import numpy as np
 import pytest
 import torch
@@ -13,10 +15,11 @@ from ase.calculators.emt import EMT
 
 from mlff_distiller.data import keys
 from mlff_distiller.data.module import AtomsDataModule
-from mlff_distiller.distill_report import distillation_report, nve_stability, print_report, speed_structures
+from mlff_distiller.distill.gate import GateConfig
+from mlff_distiller.distill.report import ReportConfig, distillation_report, print_report, speed_structures
 from mlff_distiller.losses.hessian import EnergyForceHessianLoss
 from mlff_distiller.models.schnet import SchNet
-from mlff_distiller.teachers.sampling import build_distillation_dataset, seed_structures
+from mlff_distiller.teachers.sampling import SamplingConfig, build_distillation_dataset, seed_structures
 from mlff_distiller.training import Trainer, TrainingConfig
 
 CUTOFF = 4.0
@@ -25,10 +28,10 @@ CUTOFF = 4.0
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """(data module, trained student, trainer, loss) on a 8-atom Cu-Au set labelled by EMT with 2 rows each."""
-    path = build_distillation_dataset(
-        "CuAu",
+    config = SamplingConfig(
+        system="CuAu",
         teacher="emt",
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
         system_options={"min_atoms": 8, "num_seeds": 2},
         num_rattle=16,
         temperatures=[300.0, 900.0],
@@ -38,6 +41,7 @@ def distilled(tmp_path_factory):
         hessian_rows=2,
         progress=False,
     )
+    path = build_distillation_dataset(config)
     data = AtomsDataModule(
         path=str(path), cutoff=CUTOFF, num_val=4, num_test=6, batch_size=4, val_batch_size=8, group_key="md_run"
     )
@@ -74,38 +78,50 @@ def test_hessian_term_switches_on_at_its_step_in_training(distilled):
     assert trainer.state_dict()["callbacks"]["loss_fn"] == {"calls": loss.calls}
 
 
-def test_report_measures_accuracy_speed_and_md(distilled, tmp_path, capsys):
+def test_report_measures_accuracy_fresh_frames_speed_gate_and_gives_a_verdict(distilled, tmp_path, capsys):
     data, model, _, _ = distilled
     from mlff_distiller.data.dataset import read_labelled_structures
 
     structures = read_labelled_structures(data.path)
     test = [structures[i] for i in data.split_indices["test"]]
-    metrics = distillation_report(model, EMT(), test, tmp_path, speed_seconds=0.05, md_time_ps=0.1, md_timestep_fs=2.0)
+    seeds = seed_structures("CuAu", min_atoms=8, num_seeds=2)
+    gate = GateConfig(nvt_ps=0.1, nve_ps=0.1, min_atoms=32, record_every=5)
+    config = ReportConfig(
+        speed_seconds=0.05, fresh_frames=3, fresh_interval=5, fresh_equilibration_steps=10, gate=gate, observables=None
+    )
+    metrics = distillation_report(model, EMT(), test, tmp_path, seeds, [300.0, 600.0], config)
     assert metrics["test/num_structures"] == len(test) >= 6
-    for name in ("energy_mae_per_atom", "force_mae", "force_rmse", "hessian_mae"):
+    for name in ("energy_mae_per_atom", "force_mae", "force_rmse", "hessian_mae", "force_std"):
         assert 0 < metrics[f"test/{name}"] < 1e5
     assert metrics["test/force_rmse"] >= metrics["test/force_mae"]
+    assert metrics["test/force_mae_rel"] == pytest.approx(metrics["test/force_mae"] / metrics["test/force_std"])
+    # Fresh frames: 3 per target temperature from the student's own MD, labelled by the teacher, never trained on.
+    fresh = ase.io.read(tmp_path / "fresh_frames.extxyz", ":")
+    assert metrics["fresh/num_structures"] == metrics["fresh/teacher_calls"] == len(fresh) == 6
+    assert sorted({a.info["temperature_K"] for a in fresh}) == [300.0, 600.0]
+    assert all(a.info["provenance"].startswith("fresh:driver=final_student") for a in fresh)
+    for atoms in fresh:  # the stored labels are the teacher's
+        check = atoms.copy()
+        check.calc = EMT()
+        np.testing.assert_allclose(atoms.get_forces(), check.get_forces(), atol=1e-6)
+    assert 0 < metrics["fresh/force_mae"] and metrics["fresh/force_mae_rel"] > 0
+    # Speed, side by side.
     assert metrics["speed/32/num_atoms"] == 32 and metrics["speed/256/num_atoms"] == 256
     for size in (32, 256):
         assert metrics[f"speed/{size}/speedup"] == pytest.approx(
             metrics[f"speed/{size}/student_per_s"] / metrics[f"speed/{size}/teacher_per_s"]
         )
-    assert metrics["md/time_ps"] == pytest.approx(0.1) and metrics["md/num_atoms"] == 32
-    assert metrics["md/min_distance_bound"] > 1.0 and metrics["md/stable"] in (0.0, 1.0)
-    assert math.isfinite(metrics["md/energy_drift"])
-    assert json.loads((tmp_path / "distill_report.json").read_text()) == pytest.approx(metrics)
+    # The gate ran at 1.5 x 600 K in 32 atoms; the verdict follows the gate and the fresh-frame bound.
+    assert metrics["gate/temperature_K"] == 900.0 and metrics["gate/num_atoms"] == 32
+    assert metrics["gate/min_distance_bound"] > 1.0 and metrics["gate/passed"] in (0.0, 1.0)
+    failed = metrics["gate/passed"] == 0.0 or metrics["fresh/force_mae_rel"] > 0.05
+    assert metrics["verdict"] == ("fail" if failed else "pass") and bool(metrics["reasons"]) == failed
+    report = json.loads((tmp_path / "distill_report.json").read_text())
+    assert report["verdict"] == metrics["verdict"] and report["reasons"] == metrics["reasons"]
     assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print_report(metrics)
-    assert "meV/Å²" in capsys.readouterr().out
-
-
-def test_nve_flags_atoms_that_come_too_close():
-    (cu,) = seed_structures("Cu", min_atoms=4)
-    calm = nve_stability(EMT(), cu, time_ps=0.02, temperature_K=300, min_distance_bound=2.0)
-    assert calm["stable"] == 1.0 and calm["min_distance"] > 2.3
-    assert abs(calm["energy_drift"]) < 5.0  # meV/atom/ps; EMT is smooth
-    squeezed = nve_stability(EMT(), cu, time_ps=0.02, temperature_K=300, min_distance_bound=2.6)
-    assert squeezed["stable"] == 0.0 and squeezed["time_ps"] == 0.0  # the fcc cell has 2.55 Å neighbours
+    out = capsys.readouterr().out
+    assert "meV/Å²" in out and "verdict" in out
 
 
 def test_speed_structures_are_supercells_or_the_molecule():
@@ -119,7 +135,7 @@ def test_speed_structures_are_supercells_or_the_molecule():
 def test_parity_plot_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypatch, caplog):
     import sys
 
-    from mlff_distiller.distill_report import parity_plot
+    from mlff_distiller.distill.report import parity_plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     parity = {f"{q}_{who}": np.zeros(3) for q in ("energy_per_atom", "forces") for who in ("teacher", "student")}

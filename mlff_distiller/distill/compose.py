@@ -1,0 +1,173 @@
+"""How ``mlff-train`` runs a distillation recipe: the one place that turns its Hydra config into the active loop
+(:mod:`.loop`) and the report with its verdict (:mod:`.report`). ``train.py`` calls :func:`active_loop` before
+building the data, :func:`final_report` after training and :func:`check_verdict` after writing metrics.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..cli import CLIError
+from .gate import DistillationFailed, advice
+
+if TYPE_CHECKING:
+    from ..training import TrainingConfig
+    from .loop import LoopResult
+
+log = logging.getLogger(__name__)
+
+# TrainingConfig fields that do not change what a committee member learns (paths, logging, devices, and
+# max_epochs, which the loop sets itself).
+_NOT_IN_KEY = {
+    "checkpoint_dir",
+    "overwrite_checkpoints",
+    "keep_last",
+    "checkpoint_every_n_steps",
+    "handle_signals",
+    "log_interval",
+    "device",
+    "extra",
+    "max_epochs",
+}
+
+
+def _sampling(cfg: DictConfig, what: str) -> Any:
+    from hydra.utils import instantiate
+
+    from ..teachers.sampling import SamplingConfig
+
+    source = instantiate(cfg.data.source) if cfg.data.get("source") is not None else None
+    if not isinstance(source, SamplingConfig):
+        raise CLIError(
+            f"{what} needs data=distill (data.source a SamplingConfig: the system, its seeds and target "
+            f"temperatures); got data.source={None if source is None else type(source).__name__}."
+        )
+    return source
+
+
+def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult | None:
+    """Run the recipe's active loop (``distill``; None when the recipe has none) and return where its final
+    training set is; a finished round is never recomputed, a killed one continues."""
+    if cfg.get("distill") is None:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError("The active loop (distill) runs on one process; start mlff-train without torchrun.")
+    from hydra.utils import instantiate
+
+    from ..teachers.calculators import make_calculator
+    from ..training import TrainingInterrupted
+    from .loop import ActiveLoop, ActiveLoopConfig, StudentRecipe
+
+    started = time.perf_counter()
+    sampling = _sampling(cfg, "distill (the active loop)")
+    try:
+        loop_config = ActiveLoopConfig.from_dict(OmegaConf.to_container(cfg.distill, resolve=True))
+    except (TypeError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    data_keys = ("cutoff", "num_val", "batch_size", "val_batch_size", "num_workers", "energy_key", "forces_key")
+    data_options = {key: cfg.data.get(key) for key in (*data_keys, "group_key") if key in cfg.data}
+    training = {k: v for k, v in dataclasses.asdict(training_config).items() if k not in _NOT_IN_KEY}
+    fingerprint = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
+        "training": training,
+        "data": data_options,
+    }
+    scheduler = cfg.get("scheduler")
+    recipe = StudentRecipe(
+        build_model=lambda statistics: instantiate(cfg.model, statistics=statistics),
+        build_loss=lambda: instantiate(cfg.loss),
+        training=training_config,
+        data_options=data_options,
+        fingerprint=fingerprint,
+        optimizer=instantiate(cfg.optimizer),
+        lr_scheduler=instantiate(scheduler) if scheduler and "_target_" in scheduler else None,
+    )
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    try:
+        loop = ActiveLoop(loop_config, sampling, lambda: make_calculator(teacher["name"], **teacher["kwargs"]), recipe)
+    except ValueError as error:  # the budget cannot hold round 0: said before any work
+        raise CLIError(str(error)) from None
+    held_out = int(cfg.data.get("num_val") or 0) + int(cfg.data.get("num_test") or 0)
+    if loop.most_structures() <= held_out:
+        raise CLIError(
+            f"The final training set can hold at most {loop.most_structures()} structures (round 0 and "
+            f"distill.rounds x distill.per_round), too few for data.num_val={cfg.data.num_val} and "
+            f"data.num_test={cfg.data.num_test} with any left to train on: lower them or sample more."
+        )
+    try:
+        result = loop.run()
+    except TrainingInterrupted as error:
+        log.warning(
+            "The active loop was interrupted while training a committee member; run the same command again "
+            "(without ckpt_path) and it continues from %s.",
+            loop.state_directory(),
+        )
+        raise SystemExit(error.exit_code) from None
+    result.started = started
+    return result
+
+
+def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loop: LoopResult | None) -> dict[str, Any]:
+    """The final student (best checkpoint, EMA weights) vs the teacher: the report and its verdict, as
+    ``distill/...`` metrics (see :func:`mlff_distiller.distill.report.distillation_report`)."""
+    from ..data.dataset import read_labelled_structures
+    from ..teachers.calculators import make_calculator
+    from ..teachers.structures import min_distance
+    from ..training import load_model_weights
+    from .report import ReportConfig, distillation_report, print_report
+
+    best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
+    if best is None or not best.is_file() or not hasattr(data, "split_indices"):
+        raise CLIError("distill_report needs the run's best_model.pt and a data module with a test split.")
+    try:
+        config = ReportConfig.from_dict(OmegaConf.to_container(cfg.distill_report, resolve=True))
+    except (TypeError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    sampling = _sampling(cfg, "distill_report")
+    targets = list(sampling.temperatures)
+    if cfg.get("distill") is not None and (cfg.distill.get("explore") or {}).get("temperatures"):
+        targets = list(cfg.distill.explore.temperatures)
+    if not targets:
+        raise CLIError("distill_report needs target temperatures (data.source.temperatures) for its MD.")
+    started = time.perf_counter()
+    student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
+    structures = read_labelled_structures(data.path)
+    test = [structures[i] for i in data.split_indices["test"]]
+    teacher = make_calculator(cfg.teacher.name, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
+    # The closest-approach bound comes from round 0 (the sampled set), as in the loop's exploration: the
+    # explored structures the loop added may hold closer contacts, which must not loosen the gate.
+    sampled = read_labelled_structures(loop.round0) if loop is not None else structures
+    bound = config.gate.min_distance_fraction * min(min_distance(atoms) for atoms in sampled)
+    report = distillation_report(
+        student, teacher, test, output_dir, sampling.seeds(), targets, config, loop, bound, seed=int(cfg.seed or 0)
+    )
+    report["time/final_training_s"] = round(sum(trainer.history.get("epoch_time_s", [])), 2)
+    report["time/report_s"] = round(time.perf_counter() - started, 2)
+    if loop is not None:
+        report["time/total_s"] = round(time.perf_counter() - loop.started, 2)
+    print_report(report)
+    return {f"distill/{name}": value for name, value in report.items()}
+
+
+def check_verdict(metrics: dict[str, Any]) -> None:
+    """Raise :class:`DistillationFailed` (exit code 3) with the reasons and what to try when the verdict in
+    ``metrics`` is ``fail``; call it after everything is written."""
+    if metrics.get("distill/verdict") != "fail":
+        return
+    reasons = metrics.get("distill/reasons", [])
+    raise DistillationFailed(
+        "the distilled student failed its verdict (metrics.json: distill/verdict = fail): "
+        + "; ".join(reasons)
+        + f". Try: {advice(reasons)}."
+    )

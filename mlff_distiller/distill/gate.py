@@ -1,0 +1,224 @@
+"""The stability gate: does the student survive the molecular dynamics it was distilled for?
+
+:func:`stability_gate` runs the student (an ASE calculator) in a cell of at least ``min_atoms`` atoms:
+Langevin NVT at ``temperature_factor`` x the highest target temperature for ``nvt_ps``, then NVE (velocity
+Verlet) from the final NVT state for ``nve_ps``. It passes when, documented thresholds all met:
+
+- both runs complete: energies and positions stay finite and no two atoms come closer than the bound
+  (``min_distance_fraction`` x the smallest distance in the teacher-labelled data; 0.6 puts it well inside
+  the repulsive wall: Cu-Cu neighbours are 2.55 Å, the bound ~1.4 Å);
+- the NVT run's mean temperature over its second half is within ``temperature_tolerance`` of the target
+  (a student whose forces pump energy in heats up even against the thermostat);
+- the NVE run's energy drift (slope of a linear fit of the total energy per atom) is at most
+  ``max_nve_drift`` meV/atom/ps in magnitude. A smooth, conservative float32 student drifts by well under
+  0.1 meV/atom/ps at these timesteps; 1 meV/atom/ps is a common bound for production MD.
+
+:func:`verdict` turns the gate and the accuracy bounds into ``pass`` / ``fail`` with one reason per failed
+criterion and :func:`advice` says what to try.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..teachers.structures import supercell
+from .dynamics import run_md
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+
+class DistillationFailed(Exception):
+    """Everything ran and was written, but the student failed its verdict (``mlff-train`` exits with
+    :data:`mlff_distiller.cli.EXIT_VERDICT_FAILED`)."""
+
+
+@dataclass
+class GateConfig:
+    """The stability gate (``distill_report.gate``); the shipped recipes use the issue's numbers."""
+
+    nvt_ps: float = 20.0
+    """Length of the NVT run, ps."""
+    nve_ps: float = 10.0
+    """Length of the NVE run that follows it, ps."""
+    temperature_factor: float = 1.5
+    """The NVT run is at this x the highest target temperature."""
+    min_atoms: int = 108
+    """The cell is the reference structure repeated to at least this many atoms (periodic systems)."""
+    timestep_fs: float | None = None
+    """fs; null: 0.5 fs with hydrogen, else 2 fs."""
+    hydrogen_mass: float | None = None
+    """amu; e.g. 2.0 (deuterium) lets water run at 1 fs. Static (configurational) properties and the
+    potential's stability do not depend on the masses; null keeps the real ones."""
+    friction_per_fs: float = 0.01
+    """Langevin friction of the NVT run, 1/fs."""
+    record_every: int = 20
+    """Steps between checks (closest approach, finite energy) and recorded energies."""
+    min_distance_fraction: float = 0.6
+    """The closest-approach bound, as a fraction of the smallest interatomic distance in the labelled data."""
+    temperature_tolerance: float = 0.2
+    """Largest relative deviation of the NVT run's mean temperature (second half) from its target."""
+    max_nve_drift: float = 1.0
+    """meV/atom/ps; largest accepted magnitude of the NVE energy drift."""
+
+    def __post_init__(self) -> None:
+        for name in ("nvt_ps", "nve_ps", "temperature_factor", "temperature_tolerance", "max_nve_drift"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"distill_report.gate.{name}={value!r} is invalid: it must be a finite number >= 0.")
+        if self.nvt_ps + self.nve_ps <= 0:
+            raise ValueError("distill_report.gate: nvt_ps and nve_ps are both 0; the gate would run nothing.")
+        if self.min_atoms < 1 or self.record_every < 1:
+            raise ValueError(
+                f"distill_report.gate: min_atoms={self.min_atoms} and record_every={self.record_every} must be >= 1."
+            )
+        if not 0 < self.min_distance_fraction < 1:
+            raise ValueError(
+                f"distill_report.gate.min_distance_fraction={self.min_distance_fraction} must be in (0, 1)."
+            )
+        if self.timestep_fs is not None and not 0 < self.timestep_fs <= 10:
+            raise ValueError(f"distill_report.gate.timestep_fs={self.timestep_fs} must be in (0, 10] fs or null.")
+
+
+def stability_gate(
+    calculator: Any,
+    reference: Atoms,
+    target_temperatures: Sequence[float],
+    config: GateConfig,
+    min_distance_bound: float,
+    seed: int = 0,
+) -> tuple[dict[str, float], list[str]]:
+    """Run the gate (see the module docstring) with ``calculator`` from ``reference`` (repeated to
+    ``config.min_atoms`` atoms when periodic). Returns (metrics, reasons it failed; empty when it passed).
+
+    Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound``, ``nvt/time_ps``,
+    ``nvt/min_distance``, ``nvt/temperature_mean``, ``nve/time_ps``, ``nve/energy_drift``,
+    ``nve/max_energy_deviation``, ``nve/min_distance``, ``passed`` (1.0 / 0.0), ``seconds``.
+    """
+    started = time.perf_counter()
+    atoms = reference.copy()
+    atoms.calc = None
+    if atoms.pbc.all():
+        atoms = supercell(atoms, config.min_atoms)
+    temperature = config.temperature_factor * max(target_temperatures)
+    masses = {1: config.hydrogen_mass} if config.hydrogen_mass is not None else None
+    rng = np.random.default_rng([seed, 29])
+    reasons: list[str] = []
+    metrics: dict[str, float] = {
+        "num_atoms": float(len(atoms)),
+        "temperature_K": temperature,
+        "min_distance_bound": min_distance_bound,
+    }
+
+    def steps(ps: float, timestep: float) -> int:
+        return int(round(1000.0 * ps / timestep))
+
+    from ..teachers.structures import default_timestep_fs
+
+    timestep = config.timestep_fs if config.timestep_fs is not None else default_timestep_fs(atoms)
+    metrics["timestep_fs"] = timestep
+    start = atoms
+    if config.nvt_ps > 0:
+        nvt = run_md(
+            atoms,
+            calculator,
+            steps(config.nvt_ps, timestep),
+            "nvt",
+            temperature,
+            timestep,
+            config.friction_per_fs,
+            record_every=config.record_every,
+            min_distance_bound=min_distance_bound,
+            rng=rng,
+            masses=masses,
+        )
+        second_half = nvt.temperature_K[len(nvt.temperature_K) // 2 :]
+        mean_temperature = float(np.mean(second_half)) if second_half else math.nan
+        metrics.update(
+            {
+                "nvt/time_ps": nvt.time_ps,
+                "nvt/min_distance": nvt.min_distance,
+                "nvt/temperature_mean": mean_temperature,
+            }
+        )
+        if not nvt.stable:
+            where = f"NVT at {temperature:g} K ({len(atoms)} atoms)"
+            reasons.append(f"{where} stopped: {nvt.stopped} of {config.nvt_ps:g} ps")
+        elif abs(mean_temperature - temperature) > config.temperature_tolerance * temperature:
+            reasons.append(
+                f"NVT mean temperature {mean_temperature:.0f} K is more than {100 * config.temperature_tolerance:g} % "
+                f"off the {temperature:g} K target"
+            )
+        start = nvt.final if nvt.final is not None else atoms
+    if config.nve_ps > 0 and not reasons:
+        nve = run_md(
+            start,
+            calculator,
+            steps(config.nve_ps, timestep),
+            "nve",
+            temperature,
+            timestep,
+            record_every=config.record_every,
+            min_distance_bound=min_distance_bound,
+            rng=rng,
+            draw_momenta=config.nvt_ps <= 0,
+            masses=masses,
+        )
+        drift = nve.energy_drift()
+        metrics.update(
+            {
+                "nve/time_ps": nve.time_ps,
+                "nve/energy_drift": drift,
+                "nve/max_energy_deviation": nve.max_energy_deviation(),
+                "nve/min_distance": nve.min_distance,
+            }
+        )
+        if not nve.stable:
+            reasons.append(f"NVE stopped: {nve.stopped} of {config.nve_ps:g} ps")
+        elif not abs(drift) <= config.max_nve_drift:
+            reasons.append(f"NVE energy drift {drift:.3g} meV/atom/ps exceeds ±{config.max_nve_drift:g}")
+    metrics["passed"] = 0.0 if reasons else 1.0
+    metrics["seconds"] = time.perf_counter() - started
+    return metrics, reasons
+
+
+def verdict(gate_reasons: list[str], metrics: dict[str, Any], bounds: dict[str, float]) -> tuple[str, list[str]]:
+    """``("pass" | "fail", reasons)``: the gate's reasons plus one per metric of ``bounds`` (name -> largest
+    accepted value) that is above its bound, not finite, or missing (a bound on a metric that was not measured
+    fails: a check that did not run must not pass)."""
+    reasons = list(gate_reasons)
+    for name, bound in bounds.items():
+        value = metrics.get(name)
+        if value is None:
+            reasons.append(f"{name} was not measured (bound {bound:g})")
+        elif not (isinstance(value, (int, float)) and math.isfinite(value)) or value > bound:
+            reasons.append(f"{name} = {value:.4g} exceeds its bound {bound:g}")
+    return ("fail" if reasons else "pass"), reasons
+
+
+def advice(reasons: list[str]) -> str:
+    """What to try, from what failed."""
+    tips = []
+    text = " ".join(reasons).lower()
+    if "nvt" in text or "nve stopped" in text or "apart" in text:
+        tips.append(
+            "explore more where MD fails: more rounds or a larger budget (distill.rounds, distill.teacher_budget, "
+            "distill.per_round), exploration at the gate's temperature (distill.explore.hot_factor)"
+        )
+    if "drift" in text or "temperature" in text:
+        tips.append(
+            "a smoother, better converged student: longer training (trainer.max_epochs), a smaller MD timestep "
+            "(distill_report.gate.timestep_fs)"
+        )
+    if "force_mae" in text or "fresh" in text or "observables" in text:
+        tips.append(
+            "a more accurate student: a bigger model (model.hidden, model.interactions), longer training, "
+            "more teacher labels (distill.teacher_budget, distill.rounds)"
+        )
+    return "; ".join(tips) or "inspect distill_report.json"

@@ -1,0 +1,426 @@
+"""How good, how fast and how trustworthy a distilled student is, next to its teacher, with a verdict.
+
+:func:`distillation_report` takes the final student, the teacher (an ASE calculator), the held-out sampled
+test split and the system's seed structures, and measures
+
+- accuracy against the teacher on the sampled test split: energy MAE (meV/atom), force MAE, RMSE and std
+  (meV/Å), Hessian-row MAE (meV/Å²) when the structures carry rows (``test/...``);
+- accuracy on **fresh frames**: snapshots of the student's own Langevin MD at each target temperature,
+  labelled by the teacher and never trained on: where a distilled student fails (``fresh/...``; the
+  frames are written to ``fresh_frames.extxyz``; their teacher calls are counted apart);
+- speed: single-point energy + forces per second of teacher and student on the same structures
+  (periodic systems: supercells of about 32 and 256 atoms) (``speed/...``);
+- the stability gate (:mod:`.gate`: NVT at 1.5x the highest target temperature, then NVE) (``gate/...``);
+- observables, student vs teacher (equation of state, vibrational frequencies, RDF) when
+  :mod:`mlff_distiller.distill.observables` is installed (``observables/...``);
+- the active loop's rounds when there was one: teacher calls per round, fresh-frame error per round
+  (``loop/...``, ``teacher_calls/...``) and a learning curve;
+
+and gives the verdict: ``verdict`` is ``pass`` when the gate passed and every metric named in ``bounds``
+is within its bound, else ``fail`` with one entry per failed check in ``reasons``. It writes
+``distill_report.json``, ``parity.png`` (sampled test split and fresh frames) and ``learning_curve.png``
+into ``output_dir``. :func:`print_report` shows the metrics as a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..teachers.structures import min_distance, supercell
+from .accuracy import evaluate_against_labels
+from .budget import total_teacher_calls
+from .dynamics import run_md
+from .gate import GateConfig, advice, stability_gate, verdict
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+    from .loop import LoopResult
+
+log = logging.getLogger(__name__)
+
+SPEED_SIZES = (32, 256)
+"""Atoms in the structures timed for speed (periodic systems; at least this many)."""
+
+
+@dataclass
+class ReportConfig:
+    """Options of the report (``distill_report`` in the recipes)."""
+
+    speed_sizes: list[int] = field(default_factory=lambda: list(SPEED_SIZES))
+    """Atoms in the timed supercells (at least; periodic systems only)."""
+    speed_seconds: float = 1.0
+    """Timing budget per calculator and size, s."""
+    fresh_frames: int = 8
+    """Fresh frames per target temperature (0: no fresh-frame test)."""
+    fresh_interval: int = 25
+    """MD steps between fresh frames."""
+    fresh_equilibration_steps: int = 100
+    """MD steps before the first fresh frame."""
+    fresh_timestep_fs: float | None = None
+    """fs; null: 0.5 fs with hydrogen, else 2 fs."""
+    gate: GateConfig = field(default_factory=GateConfig)
+    """The stability gate."""
+    observables: dict[str, Any] | None = None
+    """Keyword options of :func:`mlff_distiller.distill.observables.observables_report`; null: no observables."""
+    bounds: dict[str, float] = field(default_factory=lambda: {"fresh/force_mae_rel": 0.05})
+    """Metric name -> largest accepted value, part of the verdict (a bound on a metric not measured fails)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gate, Mapping):
+            self.gate = GateConfig(**dict(self.gate))
+        self.observables = dict(self.observables) if self.observables is not None else None
+        self.bounds = {str(k): float(v) for k, v in dict(self.bounds).items()}
+        if self.fresh_frames < 0 or self.fresh_interval < 1 or self.fresh_equilibration_steps < 0:
+            raise ValueError(
+                f"distill_report: fresh_frames={self.fresh_frames} must be >= 0, fresh_interval={self.fresh_interval} "
+                f">= 1 and fresh_equilibration_steps={self.fresh_equilibration_steps} >= 0."
+            )
+        if self.speed_seconds < 0:
+            raise ValueError(f"distill_report.speed_seconds={self.speed_seconds} must be >= 0.")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> ReportConfig:
+        """Build from a mapping, naming unknown keys and the accepted ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"Unknown distill_report options {unknown}; accepted: {', '.join(sorted(names))}.")
+        return cls(**dict(options))
+
+
+# ---------------------------------------------------------------------- speed
+def speed_structures(reference: Any, sizes: Sequence[int] = SPEED_SIZES) -> list[Any]:
+    """Supercells of a periodic ``reference`` with at least each of ``sizes`` atoms (the cell itself when it
+    is big enough); a non-periodic one is returned alone, as it is."""
+    base = reference.copy()
+    base.calc = None
+    if not base.pbc.all():
+        return [base]
+    return [supercell(base, size) for size in sizes]
+
+
+def calls_per_second(calculator: Any, atoms: Any, min_seconds: float = 1.0, min_calls: int = 3) -> float:
+    """Single-point energy + forces evaluations per second of ``calculator`` on ``atoms`` (after one warm-up
+    call; at least ``min_calls`` calls and ``min_seconds`` s; cached results are never reused)."""
+    from ase.calculators.calculator import all_changes
+
+    atoms = atoms.copy()
+
+    def call() -> None:
+        calculator.reset()
+        calculator.calculate(atoms, ["energy", "forces"], all_changes)
+
+    call()
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_seconds:
+        call()
+        calls += 1
+    return calls / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------- fresh frames
+def fresh_frames(
+    calculator: Any,
+    starts: Sequence[Atoms],
+    temperatures: Sequence[float],
+    per_temperature: int,
+    interval: int,
+    equilibration_steps: int,
+    timestep_fs: float | None,
+    min_distance_bound: float,
+    seed: int = 0,
+) -> tuple[list[Atoms], list[str]]:
+    """Snapshots of the student's own Langevin MD: ``per_temperature`` frames every ``interval`` steps after
+    ``equilibration_steps`` at each temperature, starting from ``starts`` in turn. Returns (frames, one line
+    per run that became unphysical); frames of such a run are those before it did."""
+    frames, unstable = [], []
+    for i, temperature in enumerate(temperatures):
+        start = starts[i % len(starts)].copy()
+        start.calc = None
+        run = run_md(
+            start,
+            calculator,
+            equilibration_steps + per_temperature * interval,
+            "nvt",
+            float(temperature),
+            timestep_fs,
+            record_every=interval,
+            equilibration_steps=equilibration_steps,
+            min_distance_bound=min_distance_bound,
+            rng=np.random.default_rng([seed, i, 31]),
+            keep_frames=True,
+        )
+        if not run.stable:
+            unstable.append(f"{temperature:g} K: {run.stopped}")
+        for frame in run.frames:
+            step = int(frame.info.pop("md_step"))
+            frame.info.pop("md_time_ps", None)
+            frame.info.update(
+                provenance=f"fresh:driver=final_student:T={temperature:g}K:run={i}:step={step}",
+                config_type=f"fresh_{temperature:g}K",
+                temperature_K=float(temperature),
+            )
+            frames.append(frame)
+    return frames, unstable
+
+
+# ---------------------------------------------------------------------- plots
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install matplotlib).")
+        return None
+    return plt
+
+
+def parity_plot(
+    parity: dict[str, np.ndarray],
+    path: str | os.PathLike[str],
+    title: str = "",
+    fresh: dict[str, np.ndarray] | None = None,
+) -> Path | None:
+    """Student vs teacher energies per atom and force components (the sampled split, and the fresh frames
+    in a second colour when given), as a PNG; None (with a warning) when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    panels = (
+        ("energy_per_atom", "energy (eV/atom)", "meV/atom"),
+        ("forces", "force components (eV/Å)", "meV/Å"),
+    )
+    sets = [("sampled test", parity)] + ([("fresh frames", fresh)] if fresh else [])
+    for axis, (name, label, unit) in zip(axes, panels):
+        titles = []
+        low, high = math.inf, -math.inf
+        for set_name, data in sets:
+            teacher, student = data[f"{name}_teacher"], data[f"{name}_student"]
+            titles.append(f"{set_name} {1e3 * float(np.abs(student - teacher).mean()):.3g}")
+            low = min(low, float(min(teacher.min(), student.min())))
+            high = max(high, float(max(teacher.max(), student.max())))
+            axis.scatter(teacher, student, s=4, alpha=0.5, linewidths=0, label=set_name)
+        axis.plot([low, high], [low, high], color="0.6", linewidth=1)
+        axis.set_title(f"MAE ({unit}): " + ", ".join(titles), fontsize=9)
+        axis.set_xlabel(f"teacher {label}")
+        axis.set_ylabel(f"student {label}")
+        axis.set_aspect("equal", adjustable="datalim")
+        if fresh:
+            axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def learning_curve_plot(
+    points: Sequence[tuple[float, float, str]], path: str | os.PathLike[str], target: float | None = None
+) -> Path | None:
+    """Fresh-frame force MAE (% of the teacher's force std) against teacher calls; ``points`` are
+    (calls, ratio, label). None without matplotlib or points."""
+    plt = _pyplot()
+    if plt is None or not points:
+        return None
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    calls = [p[0] for p in points]
+    ratios = [100 * p[1] for p in points]
+    axis.plot(calls, ratios, marker="o")
+    for x, y, label in zip(calls, ratios, [p[2] for p in points]):
+        axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if target is not None:
+        axis.axhline(100 * target, color="0.6", linestyle="--", linewidth=1, label=f"target {100 * target:g} %")
+        axis.legend(fontsize=8)
+    axis.set_xlabel("teacher calls for training labels")
+    axis.set_ylabel("fresh-frame force MAE (% of teacher force std)")
+    axis.set_yscale("log")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------- observables (seam)
+def observables(
+    student_calculator: Any, teacher: Any, reference: Atoms, output_dir: Path, options: dict[str, Any], seed: int
+) -> dict[str, float]:
+    """Student vs teacher observables from :func:`mlff_distiller.distill.observables.observables_report`
+    (prefixed ``observables/``); {} with a warning when that module is not installed."""
+    try:
+        from .observables import observables_report
+    except ImportError:
+        log.warning("mlff_distiller.distill.observables is not installed: no observables in the report.")
+        return {}
+    metrics = observables_report(student_calculator, teacher, reference, output_dir, seed=seed, **options)
+    return {name if name.startswith("observables/") else f"observables/{name}": v for name, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------- the report
+def distillation_report(
+    student: nn.Module,
+    teacher: Any,
+    test_structures: Sequence[Any],
+    output_dir: str | os.PathLike[str],
+    references: Sequence[Atoms],
+    target_temperatures: Sequence[float],
+    config: ReportConfig | None = None,
+    loop: LoopResult | None = None,
+    min_distance_bound: float | None = None,
+    student_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy, fresh frames, speed, stability gate, observables and the verdict (see the module docstring).
+
+    Args:
+        student: the final student (has ``cutoff``); not modified.
+        teacher: the teacher's ASE calculator.
+        test_structures: the held-out sampled split with the teacher's labels (calculator results or the
+            ``_energy``/``_forces`` entries of :func:`~mlff_distiller.data.dataset.read_labelled_structures`).
+        output_dir: where the JSON, plots and fresh frames go.
+        references: the system's seed structures: speed, the gate and observables use the first, fresh-frame
+            MD starts from each in turn.
+        target_temperatures: K; fresh frames are sampled at each, the gate runs at 1.5x the highest.
+        config: the options (:class:`ReportConfig`).
+        loop: the active loop's result, for its rounds and teacher calls.
+        min_distance_bound: Å; default ``gate.min_distance_fraction`` x the smallest distance in the test split.
+        student_dtype: precision of the student in the speed and MD runs.
+
+    Returns flat metrics (``test/...``, ``fresh/...``, ``speed/...``, ``gate/...``, ``observables/...``,
+    ``loop/...``, ``teacher_calls/...``, ``time/...``), ``verdict`` (``"pass"``/``"fail"``) and ``reasons``
+    (a list of strings).
+    """
+    from ..calculator import StudentCalculator
+    from ..teachers.labelling import label_structures, read_labelled
+
+    config = config or ReportConfig()
+    if not test_structures:
+        raise ValueError("distillation_report needs at least one held-out structure.")
+    if not references:
+        raise ValueError("distillation_report needs at least one reference (seed) structure.")
+    if not target_temperatures:
+        raise ValueError("distillation_report needs the target temperatures (fresh frames and the gate).")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+    accuracy, parity = evaluate_against_labels(student, test_structures)
+    metrics: dict[str, Any] = {f"test/{name}": value for name, value in accuracy.items()}
+    metrics["test/num_structures"] = float(len(test_structures))
+    if min_distance_bound is None:
+        min_distance_bound = config.gate.min_distance_fraction * min(min_distance(a) for a in test_structures)
+    calculator = StudentCalculator(student, dtype=student_dtype)
+
+    fresh_parity = None
+    if config.fresh_frames > 0:
+        frames, unstable = fresh_frames(
+            calculator,
+            references,
+            target_temperatures,
+            config.fresh_frames,
+            config.fresh_interval,
+            config.fresh_equilibration_steps,
+            config.fresh_timestep_fs,
+            min_distance_bound,
+            seed,
+        )
+        metrics["fresh/unstable_runs"] = float(len(unstable))
+        for line in unstable:
+            log.warning("Fresh-frame MD of the final student became unphysical at %s", line)
+        if frames:
+            path = output / "fresh_frames.extxyz"
+            path.unlink(missing_ok=True)
+            labelled = read_labelled(label_structures(frames, teacher, path, progress=False))
+            fresh_accuracy, fresh_parity = evaluate_against_labels(student, labelled)
+            metrics.update({f"fresh/{name}": value for name, value in fresh_accuracy.items()})
+            metrics["fresh/num_structures"] = float(len(labelled))
+            metrics["fresh/teacher_calls"] = float(total_teacher_calls(labelled))
+    times["fresh_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    reference = references[0]
+    speed_atoms = speed_structures(reference, config.speed_sizes)
+    labels = config.speed_sizes if reference.pbc.all() else [len(reference)]
+    for size, atoms in zip(labels, speed_atoms):
+        teacher_rate = calls_per_second(teacher, atoms, config.speed_seconds)
+        student_rate = calls_per_second(calculator, atoms, config.speed_seconds)
+        metrics[f"speed/{size}/num_atoms"] = float(len(atoms))
+        metrics[f"speed/{size}/teacher_per_s"] = teacher_rate
+        metrics[f"speed/{size}/student_per_s"] = student_rate
+        metrics[f"speed/{size}/speedup"] = student_rate / teacher_rate
+    times["speed_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    gate_metrics, gate_reasons = stability_gate(
+        calculator, reference, target_temperatures, config.gate, min_distance_bound, seed
+    )
+    metrics.update({f"gate/{name}": value for name, value in gate_metrics.items()})
+    times["gate_s"] = time.perf_counter() - clock
+
+    if config.observables is not None:
+        clock = time.perf_counter()
+        metrics.update(observables(calculator, teacher, reference, output, config.observables, seed))
+        times["observables_s"] = time.perf_counter() - clock
+
+    curve: list[tuple[float, float, str]] = []
+    rounds: list[dict[str, Any]] = []
+    if loop is not None:
+        metrics.update(loop.metrics())
+        rounds = loop.rounds
+        curve = [(calls, ratio, f"round {i + 1}") for i, (calls, ratio) in enumerate(loop.learning_curve())]
+        if "fresh/force_mae_rel" in metrics:
+            curve.append((loop.teacher_calls_train, metrics["fresh/force_mae_rel"], "final"))
+    metrics.update({f"time/report/{name}": round(value, 2) for name, value in times.items()})
+
+    outcome, reasons = verdict(gate_reasons, metrics, config.bounds)
+    metrics["verdict"] = outcome
+    metrics["reasons"] = reasons
+
+    plot = parity_plot(
+        parity, output / "parity.png", f"student vs teacher, {len(test_structures)} test structures", fresh_parity
+    )
+    if plot is not None:
+        log.info("Parity plot: %s", plot)
+    target = loop_target(loop)
+    learning_curve_plot(curve, output / "learning_curve.png", target)
+    report = {**metrics, "rounds": rounds, "learning_curve": curve}
+    if outcome == "fail":
+        report["advice"] = advice(reasons)
+    (output / "distill_report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    return metrics
+
+
+def loop_target(loop: LoopResult | None) -> float | None:
+    """The loop's fresh-frame target (for the learning-curve plot), if there was a loop."""
+    return getattr(loop, "target_force_ratio", None) if loop is not None else None
+
+
+def print_report(metrics: dict[str, Any], console: Any | None = None) -> None:
+    """The metrics of :func:`distillation_report` as a rich table, with units."""
+    from rich.console import Console
+
+    from ..cli import print_metrics
+
+    shown = {name: value for name, value in metrics.items() if name != "reasons"}
+    print_metrics(shown, "Student vs teacher", console=console or Console())
+    for reason in metrics.get("reasons", []):
+        (console or Console()).print(f"  fail: {reason}")

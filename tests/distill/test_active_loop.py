@@ -1,0 +1,179 @@
+"""The active loop at toy size, EMT standing in for the teacher: two rounds with a committee of two under a tiny
+teacher budget (respected, provenance recorded), and a run interrupted in the middle of a round (while labelling,
+while training a committee member) that continues, on rerun, to exactly what an uninterrupted run gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ase.io
+import pytest
+from ase.calculators.emt import EMT
+
+from mlff_distiller.distill.budget import teacher_calls
+from mlff_distiller.distill.loop import ActiveLoop, ActiveLoopConfig, ExploreConfig, StudentRecipe
+from mlff_distiller.losses.energy_force import EnergyForceLoss
+from mlff_distiller.models.schnet import SchNet
+from mlff_distiller.teachers.sampling import SamplingConfig
+from mlff_distiller.training import TrainingConfig
+
+CUTOFF = 4.0
+BUDGET = 46  # round 0: 15 labels + 25 calls of its teacher-driven MD; round 1: 4 labels; round 2: the 2 left
+
+
+class CountingEMT(EMT):
+    """EMT that counts its calculations and, with ``fail_after``, dies (as a killed job would) after that many."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.calls, self.fail_after = 0, fail_after
+
+    def calculate(self, *args, **kwargs):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("teacher killed (simulated)")
+        super().calculate(*args, **kwargs)
+        self.calls += 1
+
+
+def sampling(cache: Path) -> SamplingConfig:
+    return SamplingConfig(
+        system="Cu",
+        system_options={"min_atoms": 8},
+        cache_dir=str(cache),
+        num_rattle=10,
+        temperatures=[600.0],
+        snapshots_per_run=4,
+        equilibration_steps=4,
+        snapshot_interval=5,
+        progress=False,
+    )
+
+
+def recipe() -> StudentRecipe:
+    return StudentRecipe(
+        build_model=lambda statistics: SchNet(
+            cutoff=CUTOFF, hidden=8, interactions=1, num_rbf=6, statistics=statistics
+        ),
+        build_loss=lambda: EnergyForceLoss(energy_weight=1.0, force_weight=10.0, stress_weight=0.0),
+        training=TrainingConfig(
+            batch_size=4, learning_rate=3e-3, lr_scheduler="none", log_interval=1000, ema_decay=0.9, device="cpu"
+        ),
+        data_options={"cutoff": CUTOFF, "num_val": 2, "batch_size": 4, "group_key": "md_run"},
+        fingerprint={"test": "toy"},
+    )
+
+
+def loop_config(state: Path, budget: int) -> ActiveLoopConfig:
+    return ActiveLoopConfig(
+        rounds=2,
+        committee=2,
+        teacher_budget=budget,
+        per_round=4,
+        max_per_run=2,
+        trust_low=0.0,  # an untrained committee agrees on almost everything; take any sane candidate
+        fresh_per_round=2,
+        epochs=2,
+        warm_epochs=2,
+        state_dir=str(state),
+        progress=False,
+        explore=ExploreConfig(
+            variants=["plain", "large"],
+            large_atoms=16,
+            steps=20,
+            equilibration_steps=5,
+            frame_interval=5,
+            hot_factor=1.5,
+        ),
+    )
+
+
+def run_loop(tmp: Path, state: str, teacher: CountingEMT, hook=None, budget: int = BUDGET):
+    loop = ActiveLoop(loop_config(tmp / state, budget), sampling(tmp / "cache"), lambda: teacher, recipe(), hook)
+    return loop.run()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    teacher = CountingEMT()
+    return tmp, run_loop(tmp, "a", teacher), teacher
+
+
+def test_budget_and_provenance(uninterrupted):
+    tmp, result, teacher = uninterrupted
+    round0 = ase.io.read(result.round0, ":")
+    md_calls = 1 * (4 + 4 * 5 + 1)  # one teacher-driven run: equilibration + snapshots x interval + start
+    assert result.teacher_calls_round0 == len(round0) + md_calls
+    assert result.teacher_calls_round0 == 40
+    # Both rounds ran; the budget, not per_round (4), capped the second one, and was spent exactly.
+    assert [r["round"] for r in result.rounds] == [1, 2]
+    assert [r["selected"] for r in result.rounds] == [r["teacher_calls"] for r in result.rounds] == [4, 2]
+    assert result.teacher_calls_train == BUDGET
+    # Every training label and fresh label the loop asked for is a teacher call it counted.
+    assert teacher.calls == sum(r["teacher_calls"] + r["fresh_calls"] for r in result.rounds)
+    assert result.teacher_calls_fresh == 2 * 2
+    # The final set is round 0 plus each round's labels; the new structures say where they came from.
+    final = ase.io.read(result.dataset, ":")
+    labelled = [s for r in (1, 2) for s in ase.io.read(result.state_dir / f"round_{r:03d}" / "labelled.extxyz", ":")]
+    assert len(final) == len(round0) + len(labelled) == len(round0) + sum(r["selected"] for r in result.rounds)
+    for atoms in final[len(round0) :]:
+        info = atoms.info
+        assert info["round"] in (1, 2) and info["driver"] == "student" and info["temperature_K"] in (600.0, 900.0)
+        assert info["score"] >= 0 and info["selection"] in ("committee", "unstable")
+        assert info["provenance"].startswith(f"explore:round={info['round']}:run=") and "T=" in info["provenance"]
+        assert teacher_calls(atoms) == 1
+    # Fresh frames are at the target temperature, in the plain cell, and never in the training set.
+    for r in (1, 2):
+        fresh = ase.io.read(result.state_dir / f"round_{r:03d}" / "fresh.extxyz", ":")
+        assert len(fresh) == 2 and all(a.info["temperature_K"] == 600.0 and a.info["variant"] == "plain" for a in fresh)
+        assert not {a.info["provenance"] for a in fresh} & {a.info.get("provenance") for a in final}
+        summary = result.rounds[r - 1]
+        assert 0 < summary["fresh"]["force_mae"] and summary["fresh"]["force_mae_rel"] > 0
+    metrics = result.metrics()
+    assert metrics["teacher_calls/train"] == result.teacher_calls_train and metrics["loop/rounds"] == 2
+
+
+def test_a_budget_below_round_zero_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher_budget=20 is below what round 0 may cost.*md_driver"):
+        ActiveLoop(loop_config(tmp_path / "s", 20), sampling(tmp_path / "cache"), CountingEMT, recipe())
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "s").exists()
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL at a chosen point."""
+
+
+def test_killed_round_continues_to_the_uninterrupted_result(uninterrupted):
+    tmp, reference, _ = uninterrupted
+    # 1. The teacher dies while labelling round 1's selection (after the 2 fresh frames and 2 of 4 labels).
+    with pytest.raises(RuntimeError, match="teacher killed"):
+        run_loop(tmp, "b", CountingEMT(fail_after=4))
+    round1 = tmp / "b" / "round_001"
+    assert len(ase.io.read(round1 / "labelled.extxyz", ":")) == 2 and not (round1 / "summary.json").exists()
+
+    # 2. Rerun: round 1 is finished with 2 more calls; a kill while training round 2's second member.
+    def kill(stage: str) -> None:
+        if stage == "round2/train/member1/epoch2":  # after the last epoch, before its checkpoint
+            raise Killed(stage)
+
+    teacher = CountingEMT()
+    with pytest.raises(Killed):
+        run_loop(tmp, "b", teacher, hook=kill)
+    assert teacher.calls == 2 and (round1 / "summary.json").exists()
+    assert (tmp / "b" / "round_002" / "member_1" / "last.pt").exists()  # epoch 1 of 2 was saved
+
+    # 3. Rerun: it continues and ends where the uninterrupted run ended, structure for structure.
+    resumed = run_loop(tmp, "b", CountingEMT())
+    assert resumed.dataset.read_bytes() == reference.dataset.read_bytes()
+    for r in (1, 2):
+        for name in ("candidates.extxyz", "selected.extxyz", "labelled.extxyz", "fresh.extxyz"):
+            assert (tmp / "b" / f"round_{r:03d}" / name).read_bytes() == (
+                reference.state_dir / f"round_{r:03d}" / name
+            ).read_bytes(), (r, name)
+    strip = [{k: v for k, v in summary.items() if k != "seconds"} for summary in resumed.rounds]
+    assert strip == [{k: v for k, v in summary.items() if k != "seconds"} for summary in reference.rounds]
+
+    # 4. A finished loop is not recomputed: no teacher call, same result.
+    idle = CountingEMT()
+    again = run_loop(tmp, "b", idle)
+    assert idle.calls == 0 and again.dataset == resumed.dataset and again.rounds == resumed.rounds

@@ -1,0 +1,88 @@
+"""The stability gate and the verdict, on calculators whose behaviour is known: EMT copper (smooth and
+conservative: passes), a Morse potential whose minimum sits at 1 Å (the crystal collapses: fails on the
+closest-approach bound), and EMT whose energy creeps up with every call (fails on the NVE drift)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.morse import MorsePotential
+
+from mlff_distiller.distill.dynamics import run_md
+from mlff_distiller.distill.gate import GateConfig, advice, stability_gate, verdict
+
+SHORT = {"nvt_ps": 0.2, "nve_ps": 0.2, "min_atoms": 32, "record_every": 5}
+
+
+def copper():
+    return bulk("Cu", "fcc", a=3.61, cubic=True)
+
+
+class CreepingEMT(EMT):
+    """EMT plus 0.2 meV/atom per call on the energy only: the forces stay EMT's, the energy is no longer theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def calculate(self, *args, **kwargs):
+        super().calculate(*args, **kwargs)
+        self.calls += 1
+        self.results["energy"] += 2e-4 * self.calls * len(self.atoms)
+        self.results["free_energy"] = self.results["energy"]
+
+
+def test_emt_copper_passes_and_conserves_energy():
+    metrics, reasons = stability_gate(EMT(), copper(), [300.0], GateConfig(**SHORT), min_distance_bound=1.5)
+    assert reasons == [] and metrics["passed"] == 1.0
+    assert metrics["num_atoms"] == 32 and metrics["temperature_K"] == 450.0
+    assert metrics["nvt/time_ps"] == pytest.approx(0.2) and metrics["nve/time_ps"] == pytest.approx(0.2)
+    assert abs(metrics["nve/energy_drift"]) < 0.5  # meV/atom/ps
+    assert metrics["nvt/min_distance"] > 2.0 and 200 < metrics["nvt/temperature_mean"] < 700
+
+
+def test_a_collapsing_potential_fails_on_the_closest_approach():
+    collapsing = MorsePotential(epsilon=1.0, r0=1.0, rho0=3.0, rcut1=3.0, rcut2=4.0)
+    metrics, reasons = stability_gate(collapsing, copper(), [300.0], GateConfig(**SHORT), min_distance_bound=1.5)
+    assert metrics["passed"] == 0.0 and len(reasons) == 1
+    assert "NVT at 450 K (32 atoms) stopped: atoms" in reasons[0] and "below the 1.5 Å bound" in reasons[0]
+    assert metrics["nvt/time_ps"] < 0.2 and "nve/time_ps" not in metrics  # NVE is not run after a failed NVT
+
+
+def test_an_energy_that_is_not_the_forces_potential_fails_on_drift():
+    metrics, reasons = stability_gate(CreepingEMT(), copper(), [300.0], GateConfig(**SHORT), min_distance_bound=1.5)
+    # 0.2 meV/atom per call, one call per 2 fs step: about 100 meV/atom/ps.
+    assert metrics["nve/energy_drift"] == pytest.approx(100.0, rel=0.1)
+    assert reasons == [f"NVE energy drift {metrics['nve/energy_drift']:.3g} meV/atom/ps exceeds ±1"]
+
+
+def test_md_run_records_frames_and_stops_with_a_reason():
+    run = run_md(copper(), EMT(), 40, "nvt", 300.0, 2.0, record_every=10, equilibration_steps=10, keep_frames=True)
+    assert run.stable and run.steps_done == 40 and [f.info["md_step"] for f in run.frames] == [20, 30, 40]
+    assert run.time_ps == pytest.approx(0.08) and len(run.times_ps) == 5
+    squeezed = run_md(copper(), EMT(), 40, "nve", 300.0, 2.0, record_every=10, min_distance_bound=2.6)
+    assert not squeezed.stable and squeezed.steps_done == 0 and "below the 2.6 Å bound" in squeezed.stopped
+    assert math.isnan(squeezed.energy_drift())
+
+
+def test_verdict_fails_on_bounds_missing_and_non_finite_metrics():
+    bounds = {"fresh/force_mae_rel": 0.05}
+    assert verdict([], {"fresh/force_mae_rel": 0.03}, bounds) == ("pass", [])
+    outcome, reasons = verdict([], {"fresh/force_mae_rel": 0.08}, bounds)
+    assert outcome == "fail" and reasons == ["fresh/force_mae_rel = 0.08 exceeds its bound 0.05"]
+    assert verdict([], {}, bounds)[1] == ["fresh/force_mae_rel was not measured (bound 0.05)"]
+    assert verdict([], {"fresh/force_mae_rel": np.nan}, bounds)[0] == "fail"
+    assert verdict(["NVT ... stopped"], {"fresh/force_mae_rel": 0.01}, bounds) == ("fail", ["NVT ... stopped"])
+    assert "distill.rounds" in advice(["NVT at 450 K (108 atoms) stopped: atoms 1.2 Å apart"])
+    assert "model.hidden" in advice(["fresh/force_mae_rel = 0.08 exceeds its bound 0.05"])
+
+
+def test_gate_options_are_checked():
+    with pytest.raises(ValueError, match=r"distill_report.gate.nvt_ps=-1"):
+        GateConfig(nvt_ps=-1)
+    with pytest.raises(ValueError, match="min_distance_fraction"):
+        GateConfig(min_distance_fraction=1.5)
