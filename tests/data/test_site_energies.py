@@ -22,6 +22,7 @@ from mlff_distiller.models.painn import PaiNN
 from mlff_distiller.models.schnet import SchNet
 from mlff_distiller.teachers import build_distillation_dataset, label_structures
 from mlff_distiller.teachers.calculators import CalculatorSpec, SiteEnergiesUnavailableError
+from mlff_distiller.teachers.sampling import SamplingConfig
 
 CUTOFF = 4.5
 
@@ -146,5 +147,8 @@ def test_a_teacher_without_site_energies_is_refused_before_any_work(tmp_path):
     with pytest.raises(SiteEnergiesUnavailableError, match="teacher 'mace_mp' does not provide"):
         label_structures(structures, CalculatorSpec("mace_mp"), tmp_path / "b.extxyz", site_energies=True)
     with pytest.raises(SiteEnergiesUnavailableError, match="teacher 'mace_mp'"):  # before sampling anything
-        build_distillation_dataset("Cu", teacher="mace_mp", cache_dir=tmp_path, site_energies=True, progress=False)
+        config = SamplingConfig(
+            system="Cu", teacher="mace_mp", cache_dir=str(tmp_path), site_energies=True, progress=False
+        )
+        build_distillation_dataset(config)
     assert list(tmp_path.iterdir()) == []
