@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from mlff_distiller.data.dataset import read_labelled_structures
     from mlff_distiller.evaluation import check_trained_elements, evaluate_structures, load_student
     from mlff_distiller.plots import parity_plot
-    from mlff_distiller.training.trainer import resolve_device
+    from mlff_distiller.training.distributed import resolve_device
 
     device = resolve_device(str(cfg.device))
     data_path = Path(str(cfg.data.path)).expanduser()

@@ -188,5 +188,8 @@ def test_cache_keys_of_existing_sets_are_kept():
         snapshots_per_run=15,
         snapshot_interval=5,
         hessian_rows=2,
+        hessian_method="fd",
     )
     assert cache_key(recipe.cache_config()) == "2b5dbdc002fe"
+    # Rows by autograd (the default for CHGNet: hessian_method=auto) are other labels, so another set.
+    assert cache_key(recipe.replace(hessian_method="auto").cache_config()) != "2b5dbdc002fe"
