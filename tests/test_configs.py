@@ -28,7 +28,12 @@ def compose_cfg(tmp_path: Path, *overrides: str, experiment: str = "smoke"):
 
 
 # Options that belong to the distillation path are tried at its reduced size (EMT stands in for the teacher).
-DISTILL_SMOKE = {("data", "distill"), ("loss", "energy_force_hessian"), ("experiment", "distill_smoke")}
+DISTILL_SMOKE = {
+    ("data", "distill"),
+    ("data", "distill_water"),
+    ("loss", "energy_force_hessian"),
+    ("experiment", "distill_smoke"),
+}
 
 
 @pytest.fixture(scope="module")
