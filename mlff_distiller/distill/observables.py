@@ -450,13 +450,17 @@ def plot_equation_of_state(
     """Energy per atom relative to each fit's minimum vs volume per atom, points and fits; returns the PNG path."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
-    for label, result, color in (("teacher", teacher, "C0"), ("student", student, "C1")):
+    # The student dashed and with small markers, so it stays visible where it covers the teacher.
+    for label, result, color, line, marker in (
+        ("teacher", teacher, "C0", "-", "o"),
+        ("student", student, "C1", "--", "."),
+    ):
         n = result.num_atoms
-        axis.plot(result.volumes / n, (result.energies - result.e0) / n * 1e3, "o", color=color)
+        axis.plot(result.volumes / n, (result.energies - result.e0) / n * 1e3, marker, color=color)
         axis.plot(
             result.fit_volumes / n,
             (result.fit_energies - result.e0) / n * 1e3,
-            "-",
+            line,
             color=color,
             label=f"{label}: B = {result.bulk_modulus_GPa:.1f} GPa, V0 = {result.v0 / n:.3f} Å³/atom",
         )
@@ -472,8 +476,8 @@ def plot_frequencies(student: FrequencyResult, teacher: FrequencyResult, path: s
     plt = _pyplot()
     figure, (spectra, parity) = plt.subplots(1, 2, figsize=(10, 4.2))
     index = np.arange(len(teacher.frequencies_cm1))
-    spectra.plot(index, teacher.frequencies_cm1, ".", label="teacher")
-    spectra.plot(index, student.frequencies_cm1, ".", label="student", alpha=0.7)
+    spectra.plot(index, teacher.frequencies_cm1, "o", markerfacecolor="none", label="teacher")
+    spectra.plot(index, student.frequencies_cm1, ".", label="student")
     spectra.axhline(0.0, color="0.6", linewidth=0.8)
     spectra.set_xlabel("mode (sorted)")
     spectra.set_ylabel("frequency (cm⁻¹; imaginary < 0)")
@@ -501,7 +505,7 @@ def plot_rdf(student: RDFResult, teacher: RDFResult, path: str | os.PathLike[str
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for axis, name in zip(axes[0], names):
         axis.plot(teacher.r, teacher.g[name], label="teacher")
-        axis.plot(student.r, student.g[name], label="student", alpha=0.8)
+        axis.plot(student.r, student.g[name], "--", label="student")
         axis.set_title(f"{name}: difference {rdf_difference(student.g[name], teacher.g[name]):.3f}", fontsize=9)
         axis.set_xlabel("r (Å)")
     axes[0][0].set_ylabel("g(r)")
