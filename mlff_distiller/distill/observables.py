@@ -398,23 +398,25 @@ def rdf_pairs(atoms: Atoms) -> list[tuple[str, str]]:
 
 
 def max_rdf_radius(atoms: Atoms) -> float:
-    """The largest ``rmax`` (Å) ASE's ``get_rdf`` accepts for this cell (its recommendation, at most 5 Å)."""
-    from ase.geometry.rdf import get_recommended_r_max
-
-    return float(get_recommended_r_max(atoms.cell, atoms.pbc))
+    """The longest ``rmax`` (Å) ASE's ``get_rdf`` accepts for this periodic cell: half its smallest height
+    (so every pair closer than ``rmax`` is counted once, by its minimum image)."""
+    return 0.5 / float(np.linalg.norm(atoms.cell.reciprocal(), axis=1).max())
 
 
 def radial_distribution(frames: Sequence[Atoms], rmax: float | None = None, bin_width: float = 0.05) -> RDFResult:
     """g(r) of periodic ``frames`` (same composition and cell), total and per element pair, with ASE's
-    ``get_rdf``, averaged over frames. ``rmax`` None: :func:`max_rdf_radius` of the first frame."""
-    from ase.geometry.rdf import get_rdf
+    ``get_rdf``, averaged over frames. ``rmax`` None: ASE's recommendation for the first frame's cell (0.99 x
+    :func:`max_rdf_radius`, at most 5 Å)."""
+    from ase.geometry.rdf import get_rdf, get_recommended_r_max
 
     if not frames:
         raise ValueError("radial_distribution needs at least one frame.")
     allowed = max_rdf_radius(frames[0])
-    rmax = allowed if rmax is None else float(rmax)
-    if not 0 < rmax <= allowed * (1 + 1e-9):
-        raise ValueError(f"rdf_rmax={rmax} Å is invalid for this cell; accepted: 0 < rmax <= {allowed:.3f} Å.")
+    rmax = float(get_recommended_r_max(frames[0].cell, frames[0].pbc)) if rmax is None else float(rmax)
+    if not 0 < rmax < allowed:
+        raise ValueError(
+            f"rdf_rmax={rmax} Å is invalid for this cell; accepted: 0 < rmax < {allowed:.3f} Å (half its height)."
+        )
     nbins = max(1, int(round(rmax / bin_width)))
     pairs = rdf_pairs(frames[0])
     sums = {"total": np.zeros(nbins), **{f"{a}-{b}": np.zeros(nbins) for a, b in pairs}}
@@ -536,6 +538,8 @@ def repeat_to(atoms: Atoms, min_atoms: int) -> Atoms:
 def _choose(kind: str, observables: Sequence[str] | None, reference: Atoms) -> tuple[str, tuple[str, ...]]:
     if kind not in KINDS:
         raise ValueError(f"observables kind={kind!r} is invalid; accepted: {', '.join(KINDS)}.")
+    if reference.pbc.any() and not reference.pbc.all():
+        raise ValueError(f"Observables need a fully periodic or a non-periodic structure; got pbc={reference.pbc}.")
     if kind == "auto":
         kind = system_kind(reference)
     elif (kind == "molecule") != (not reference.pbc.any()):
@@ -594,7 +598,7 @@ def observables_report(
     4. RDF: a Langevin run of each calculator from the same start and seed (``md_atoms`` when given, else the
        relaxed reference repeated to at least ``md_min_atoms`` atoms): ``md_equilibration_steps`` steps,
        then a frame every ``md_interval`` of ``md_steps`` steps at ``md_temperature_K``; g(r) up to
-       ``rdf_rmax`` (None: the largest the cell allows, at most 5 Å), bins of ``rdf_bin_width`` Å.
+       ``rdf_rmax`` (None: 0.99 x half the smallest cell height, at most 5 Å), bins of ``rdf_bin_width`` Å.
 
     Returns flat metrics, all prefixed ``observables/``:
 
@@ -624,9 +628,9 @@ def observables_report(
         )
     if "rdf" in chosen and rdf_rmax is not None:
         start = md_atoms if md_atoms is not None else repeat_to(reference, md_min_atoms)
-        if rdf_rmax > max_rdf_radius(start) * (1 + 1e-9):
+        if rdf_rmax >= max_rdf_radius(start):
             raise ValueError(
-                f"rdf_rmax={rdf_rmax} Å is too long for the MD cell ({len(start)} atoms); accepted: up to "
+                f"rdf_rmax={rdf_rmax} Å is too long for the MD cell ({len(start)} atoms); accepted: below "
                 f"{max_rdf_radius(start):.3f} Å. Raise md_min_atoms or pass a bigger md_atoms."
             )
     output = Path(output_dir)

@@ -198,6 +198,11 @@ def test_rdf_of_perfect_fcc_peaks_at_the_nearest_neighbour_distance():
     coordination = (density * result.g["total"] * volumes)[shell].sum()
     assert coordination == pytest.approx(12.0, rel=1e-9)
     np.testing.assert_allclose(result.g["Cu-Cu"], result.g["total"])
+    assert result.r[-1] < 5.0 < result.r[-1] + 0.02  # ASE's default: at most 5 Å
+    longer = radial_distribution([atoms], rmax=5.35, bin_width=0.05)  # the 10.8 Å cell allows up to 5.4 Å
+    assert abs(longer.peak_position() - nearest) <= 0.05 and longer.r[-1] > 5.3
+    with pytest.raises(ValueError, match="rdf_rmax=5.45"):
+        radial_distribution([atoms], rmax=5.45)
 
 
 def test_partial_rdfs_and_their_difference():
@@ -282,6 +287,10 @@ def test_report_defaults_by_kind_and_refuses_bad_options_before_work(tmp_path):
         observables_report(EMT(), EMT(), molecule("H2O"), tmp_path / "x", observables=["eos"])
     with pytest.raises(ValueError, match="rdf_rmax=9"):
         observables_report(EMT(), EMT(), copper, tmp_path / "x", observables=["rdf"], rdf_rmax=9.0)
+    slab = copper.copy()
+    slab.pbc = [True, True, False]
+    with pytest.raises(ValueError, match="pbc"):
+        observables_report(EMT(), EMT(), slab, tmp_path / "x", kind="crystal")
     assert not (tmp_path / "x").exists()
 
 
