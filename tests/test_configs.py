@@ -29,7 +29,12 @@ def compose_cfg(tmp_path: Path, *overrides: str, experiment: str = "smoke"):
 
 
 # Options that belong to the distillation path are tried at its reduced size (EMT stands in for the teacher).
-DISTILL_SMOKE = {("data", "distill"), ("loss", "energy_force_hessian"), ("experiment", "distill_smoke")}
+DISTILL_SMOKE = {
+    ("data", "distill"),
+    ("data", "distill_water"),
+    ("loss", "energy_force_hessian"),
+    ("experiment", "distill_smoke"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +62,11 @@ def test_every_option_composes_and_instantiates(tmp_path, smoke_file, group, opt
     if group == "experiment" and option.startswith("distill_") and option != "distill_smoke":
         check_distill_experiment(compose_cfg(tmp_path, experiment=option))
         return
+    if (group, option) == ("data", "distill_water"):
+        # Its own cache directory: the shared one is expected to hold only the distill_smoke set.
+        extra = [f"data.source.cache_dir={tmp_path / 'cache'}"]
     if (group, option) in DISTILL_SMOKE:
-        cfg = compose_cfg(tmp_path, f"{group}={option}", experiment="distill_smoke")
+        cfg = compose_cfg(tmp_path, f"{group}={option}", *extra, experiment="distill_smoke")
     else:
         cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
     training_config = OmegaConf.to_object(cfg.trainer)

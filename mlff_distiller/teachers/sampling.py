@@ -3,7 +3,8 @@
 A system is given by a file of seed structures (anything ASE reads) or a built-in generator by name
 (:func:`seed_structures`): a bulk crystal (``"Cu"``, ``"Si"``, ``"Fe"``: ASE's reference structure),
 a random substitutional alloy (``"CuAu"``, ``"NiPt"``: the first element's lattice, Vegard lattice
-constant) or a molecule (``"H2O"``, ``"CH3CH2OH"``: ``ase.build.molecule``).
+constant), a molecule (``"H2O"``, ``"CH3CH2OH"``: ``ase.build.molecule``) or a box of liquid water
+(``"water"``: :func:`~mlff_distiller.teachers.systems.water_box`).
 
 :func:`sample_structures` keeps the seeds, adds rattled + strained copies and snapshots of Langevin MD at
 a list of temperatures driven by any calculator (the teacher, a cheap stand-in such as EMT, or a
@@ -97,7 +98,9 @@ def seed_structures(
     ``min_atoms`` atoms (``crystalstructure`` / ``lattice_constant`` override ASE's reference state, e.g.
     ``"NaCl"`` with ``kind="bulk", crystalstructure="rocksalt", lattice_constant=5.64``). An alloy gives
     ``num_seeds`` cells whose fraction of the second element is uniform in ``fraction_range`` (seeded by
-    ``seed``). A molecule is centred in a non-periodic box with ``vacuum`` Å on each side.
+    ``seed``). A molecule is centred in a non-periodic box with ``vacuum`` Å on each side. ``"water"`` gives
+    ``num_seeds`` periodic boxes of liquid water of ``ceil(min_atoms / 3)`` molecules at 1 g/cm³
+    (:func:`~mlff_distiller.teachers.systems.water_seeds`).
     """
     from ase.build import bulk, molecule
 
