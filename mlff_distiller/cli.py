@@ -147,8 +147,24 @@ def format_value(name: str, value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
+FILE_ONLY_LOGGERS = ("mlff_distiller.training.trainer.epochs", "mlff_distiller.cli.table")
+"""Loggers whose lines go to the run's log file only: the console shows the same figures as a table or as
+compact epoch rows."""
+
+
+def log_to_file_only() -> None:
+    """Route :data:`FILE_ONLY_LOGGERS` to the log files of the running job (call it once per job: a sweep's
+    jobs run in one process, each with its own file)."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in FILE_ONLY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = list(files)
+        logger.propagate = False
+
+
 def print_metrics(results: dict[str, Any], title: str, console: Any | None = None) -> None:
-    """``results`` as a rich table (metric, value, unit) on stderr, and each line in the log."""
+    """``results`` as a rich table (metric, value, unit) on stderr, and each line in the log (the run's file
+    only, after :func:`log_to_file_only`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -159,5 +175,6 @@ def print_metrics(results: dict[str, Any], title: str, console: Any | None = Non
     for name, value in results.items():
         table.add_row(name, format_value(name, value), unit_of(name))
     (console or Console(stderr=True)).print(table)
+    table_log = logging.getLogger("mlff_distiller.cli.table")
     for name, value in results.items():
-        log.info("%s = %s %s", name, format_value(name, value), unit_of(name))
+        table_log.info("%s = %s %s", name, format_value(name, value), unit_of(name))

@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mlff_distiller.cli import CLIError, fail, print_metrics, write_json
+from mlff_distiller.cli import CLIError, fail, log_to_file_only, print_metrics, write_json
 
 log = logging.getLogger("mlff_distiller.evaluate")
 
@@ -88,6 +88,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     output_dir = Path(cfg.paths.output_dir)
     metrics = {f"eval/{name}": value for name, value in result.metrics.items()}
+    log_to_file_only()
     print_metrics(metrics, f"{data_path.name}: {len(structures)} structures, {student.path}")
     record: dict[str, Any] = {
         **metrics,

@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mlff_distiller.cli import EXIT_UNSTABLE_MD, CLIError, fail, print_metrics, write_json
+from mlff_distiller.cli import EXIT_UNSTABLE_MD, CLIError, fail, log_to_file_only, print_metrics, write_json
 
 log = logging.getLogger("mlff_distiller.simulate")
 
@@ -81,6 +81,7 @@ def simulate(cfg: DictConfig) -> Any:
     )
     results = {k: v for k, v in summary.metrics().items() if not (isinstance(v, float) and math.isnan(v))}
     write_json(output_dir / "summary.json", {**results, "md/reason": summary.reason, "md/engine": summary.engine})
+    log_to_file_only()
     print_metrics(results, f"mlff-md: {summary.engine}, {summary.ensemble.upper()}, {summary.num_atoms} atoms")
     return summary
 

@@ -23,6 +23,7 @@ from mlff_distiller.cli import (
     fail,
     in_multirun,
     is_instantiation_error,
+    log_to_file_only,
     print_metrics,
     task_overrides,
     write_json,
@@ -101,7 +102,7 @@ def train(cfg: DictConfig) -> float | None:
     main_process = distributed.rank() == 0
     if not main_process:
         _stop_file_logging()
-    _epoch_metrics_to_log_file()
+    log_to_file_only()  # every epoch's and table's full figures go to the log file; the console shows tables
     # Everything that can be checked is checked before any work (data generation, labelling) starts.
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
@@ -183,14 +184,6 @@ def _training_config(cfg: DictConfig) -> TrainingConfig:
                 f"'{group}' group (e.g. {group}={example}); trainer.{field} is only read by the Python API."
             )
     return config
-
-
-def _epoch_metrics_to_log_file() -> None:
-    """Every metric of every epoch goes to the run's log file only; the console shows the compact rows of
-    the ConsoleLogger instead (set for each job: a sweep's jobs run in one process, each with its own file)."""
-    epochs = logging.getLogger("mlff_distiller.training.trainer.epochs")
-    epochs.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    epochs.propagate = False
 
 
 def _stop_file_logging() -> None:

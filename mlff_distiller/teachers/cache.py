@@ -149,7 +149,15 @@ def is_complete(path: Path, sidecar: Path, config: dict) -> bool:
 
 
 def announce(message: str, progress: bool) -> None:
-    """Log ``message``, and print it on stderr when ``progress``."""
+    """Log ``message``, and print it on stderr when ``progress``, unless the log already reaches the console
+    (a command line): then it is said once."""
     log.info(message)
-    if progress:
+    if progress and not _logging_to_console():
         print(message, file=sys.stderr, flush=True)
+
+
+def _logging_to_console() -> bool:
+    return any(
+        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+        for h in logging.getLogger().handlers
+    )
