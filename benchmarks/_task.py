@@ -50,3 +50,70 @@ def loss_function():
     from mlff_distiller.losses.energy_force import EnergyForceLoss
 
     return EnergyForceLoss(energy_weight=10.0, force_weight=30.0, stress_weight=1.0)
+
+
+# ---------------------------------------------------------------------- the light task
+LIGHT_MOLECULES = (
+    "CH3OH",
+    "C2H4",
+    "CH3CHO",
+    "H3CNH2",
+    "C2H6",
+    "CH3COOH",
+    "CH3CH2OH",
+    "C4H4O",
+    "CH3COCH3",
+    "C5H5N",
+    "C6H6",
+    "trans-butane",
+)
+"""Small closed-shell molecules of ASE's G2 set (6-14 atoms of H, C, N, O: elements EMT has parameters for)."""
+
+
+def light_data_module(directory, num_train: int = 960, num_val: int = 96, batch_size: int = 32):
+    """A light task's data: rattled small molecules (9 atoms on average), EMT-labelled into ``directory``.
+
+    A SchNet 64x3 step on a batch of 32 of them takes about 20 ms on one thread (the default job's: ~200 ms),
+    so per-step costs of the training loop that a heavy step hides show here.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+
+    from mlff_distiller.data.module import AtomsDataModule
+    from mlff_distiller.teachers import label_structures
+
+    key = ("light", num_train, num_val, batch_size)
+    if key not in _DATA:
+        rng = np.random.default_rng(0)
+        structures = []
+        for index in range(num_train + num_val):
+            atoms = molecule(LIGHT_MOLECULES[index % len(LIGHT_MOLECULES)])
+            atoms.positions += rng.normal(0.0, 0.05, atoms.positions.shape)  # thermal-size displacements, Å
+            structures.append(atoms)
+        path = label_structures(structures, EMT(), Path(directory) / "light_molecules.extxyz", progress=False)
+        _DATA[key] = AtomsDataModule(
+            path=str(path),
+            cutoff=CUTOFF,
+            num_val=num_val,
+            num_test=0,
+            batch_size=batch_size,
+            val_batch_size=50,
+        )
+    return _DATA[key]
+
+
+def light_student(data, seed: int = 0) -> torch.nn.Module:
+    """The light task's student: the default SchNet 64x3, without stress (molecules have no cell)."""
+    from mlff_distiller.models.schnet import SchNet
+
+    torch.manual_seed(seed)
+    return SchNet(cutoff=CUTOFF, statistics=data.statistics)
+
+
+def light_loss_function():
+    from mlff_distiller.losses.energy_force import EnergyForceLoss
+
+    return EnergyForceLoss(energy_weight=10.0, force_weight=30.0)
