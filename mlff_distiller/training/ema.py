@@ -24,6 +24,9 @@ class ExponentialMovingAverage:
         self._names = [n for n, p in model.named_parameters() if p.dtype.is_floating_point]
         params = dict(model.named_parameters())
         self.shadow = [params[n].detach().clone() for n in self._names]
+        self._tracked: tuple[nn.Module, list[torch.Tensor]] | None = None
+        """The model last updated from and its parameters in shadow order: walking the module tree for them
+        costs more than the update itself on a small model, every step."""
 
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
         params = dict(model.named_parameters())
@@ -36,7 +39,11 @@ class ExponentialMovingAverage:
         if self.warmup:
             decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self._params(model)], 1.0 - decay)
+        # The Parameter objects are kept, not their .data, so an in-place move (model.to) is still seen; a
+        # parameter replaced by a new object would be missed, as the optimizer, which holds them too, misses it.
+        if self._tracked is None or self._tracked[0] is not model:
+            self._tracked = (model, self._params(model))
+        torch._foreach_lerp_(self.shadow, self._tracked[1], 1.0 - decay)
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:

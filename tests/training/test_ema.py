@@ -147,3 +147,21 @@ def test_resuming_without_ema_state_is_refused(tmp_path):
     with_ema = make_trainer(mlp(), loader(x, y), loader(x, y), max_epochs=1, ema_decay=0.9)
     with pytest.raises(CheckpointError, match="no EMA state but ema_decay is set"):
         with_ema.load_checkpoint(tmp_path / "last.pt", strict_config=False)
+
+
+def test_update_follows_the_model_it_is_given_and_in_place_moves():
+    """update() keeps the model's parameters between steps: it must still see a parameter whose data was
+    replaced in place (as model.to does) and switch to another model when given one."""
+    model = nn.Linear(2, 1, bias=False).double()
+    ema = ExponentialMovingAverage(model, decay=0.5, warmup=False)
+    initial = model.weight.detach().clone()
+    ema.update(model)
+    model.weight.data = torch.tensor([[4.0, 8.0]], dtype=torch.float64)  # new storage, same Parameter
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow[0], 0.5 * initial + 0.5 * model.weight.detach(), rtol=0, atol=1e-15)
+    other = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        other.weight.fill_(-2.0)
+    before = ema.shadow[0].clone()
+    ema.update(other)
+    torch.testing.assert_close(ema.shadow[0], 0.5 * before - 1.0, rtol=0, atol=1e-15)
