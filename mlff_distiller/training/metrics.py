@@ -45,11 +45,12 @@ class MetricSums:
 
     def add(self, terms: Mapping[str, Any], weight: int) -> None:
         """Fold one batch's terms in; a plain tensor term counts as a mean over ``weight`` samples."""
+        # Called once per micro-batch: each conversion is skipped when it would change nothing (a float64 scalar
+        # is already its own sum), which halves the small-tensor work and leaves every value bit for bit the same.
         for name, value in terms.items():
             if isinstance(value, Mean):
-                total = value.total.detach().to(torch.float64).sum()
-                count = torch.as_tensor(value.count, device=total.device).detach().to(torch.float64).sum()
-                pair = torch.stack([total, count])
+                total = _float64_sum(value.total)
+                pair = torch.stack([total, _float64_sum(torch.as_tensor(value.count, device=total.device))])
                 if isinstance(value, RootMean):
                     self.roots.add(name)
             else:
@@ -65,8 +66,8 @@ class MetricSums:
 
     def mean(self, name: str) -> torch.Tensor:
         """``total / count`` of one term, as a tensor (no host sync)."""
-        total, count = self.sums[name]
-        return total / count
+        pair = self.sums[name]
+        return pair[0] / pair[1]
 
     def compute(self, prefix: str = "") -> dict[str, float]:
         """Every term's value, ``{prefix}{name}``; NaN for a term with a zero count."""
@@ -89,6 +90,14 @@ class MetricSums:
         out.sums = {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in state["sums"].items()}
         out.roots = set(state.get("roots", ()))
         return out
+
+
+def _float64_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed in float64, as a scalar (a float64 scalar as it is)."""
+    value = value.detach()
+    if value.dtype != torch.float64:
+        value = value.to(torch.float64)
+    return value.sum() if value.dim() else value
 
 
 def detached(terms: Mapping[str, Any]) -> dict[str, Any]:

@@ -108,3 +108,30 @@ def test_metric_sums_merge_state_and_missing_terms():
     restored = MetricSums.from_state_dict(one.state_dict())
     assert restored.compute("val/") == values
     assert math.isnan(MetricSums.from_state_dict({"sums": {"d": torch.zeros(2)}}).compute()["d"])
+
+
+def test_metric_sums_add_is_bitwise_the_float64_sum_of_each_term():
+    """The per-batch fold skips conversions that change nothing; the pairs must be the plain float64 sums."""
+    generator = torch.Generator().manual_seed(0)
+    vector = torch.randn(37, generator=generator)  # float32: summed in float64
+    scalar = torch.randn((), generator=generator, dtype=torch.float64)
+    terms = {
+        "loss": torch.randn((), generator=generator),
+        "vector": Mean(vector, 37),
+        "scalar": RootMean(scalar**2, torch.tensor(3.0, dtype=torch.float64)),
+        "weights": Mean(scalar, torch.tensor([0.1, 0.7], dtype=torch.float32)),
+    }
+    sums = MetricSums()
+    sums.add(terms, weight=5)
+    sums.add(terms, weight=5)
+    once = {
+        "vector": torch.stack([vector.double().sum(), torch.tensor(37.0, dtype=torch.float64)]),
+        "scalar": torch.stack([(scalar**2).double().sum(), torch.tensor(3.0, dtype=torch.float64)]),
+        "weights": torch.stack([scalar.sum(), torch.tensor([0.1, 0.7]).double().sum()]),
+        "loss": torch.stack([terms["loss"].double() * 5, torch.tensor(5.0, dtype=torch.float64)]),
+    }
+    for name, pair in once.items():
+        assert torch.equal(sums.sums[name], pair + pair), name
+        assert sums.sums[name].dtype == torch.float64
+    assert sums.roots == {"scalar"}
+    assert torch.equal(sums.mean("vector"), (2 * vector.double().sum()) / 74.0)
