@@ -38,7 +38,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_every_n_steps",
         "handle_signals",
         "device",
-        "host_memory_pad_mb",
+        "host_memory_keep_mb",
         "extra",
     }
 )
@@ -139,10 +139,10 @@ class TrainingConfig:
     """Seed for torch/python/numpy RNGs at the start of a fresh run (None: do not seed)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; the Trainer's ``device`` argument wins."""
-    host_memory_pad_mb: int = 64
-    """Freed host memory (MiB) that glibc's malloc keeps in the process at ``fit()`` (``M_TOP_PAD``), instead of
-    returning it to the kernel and faulting it in again every step: ~15 % of a small model's CPU step. Process-wide
-    (the allocator is shared); 0 leaves it alone, as do non-glibc platforms and a ``MALLOC_TOP_PAD_`` setting."""
+    host_memory_keep_mb: int = 1024
+    """Freed host memory (MiB) that glibc's malloc may keep in the process from ``fit()`` on, instead of returning
+    it to the kernel and faulting it in again every step (5-15 % of a CPU step; see ``training/host_memory.py``).
+    Process-wide; 0 leaves the allocator alone, as do non-glibc platforms and ``MALLOC_*`` environment settings."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Free-form values carried into the checkpoint (e.g. the CLI's run metadata)."""
 
@@ -164,7 +164,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
-        for name in ("warmup_steps", "plateau_patience", "keep_last", "host_memory_pad_mb"):
+        for name in ("warmup_steps", "plateau_patience", "keep_last", "host_memory_keep_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "an integer >= 0")

@@ -177,7 +177,7 @@ class Trainer:
                 directory.prepare(self._continues_a_run() or self.config.overwrite_checkpoints, self.resumed_from)
             if not self._continues_a_run() and self.config.seed is not None:
                 seed_everything(self.config.seed, self.train_loader)
-            keep_freed_host_memory(self.config.host_memory_pad_mb)
+            keep_freed_host_memory(self.config.host_memory_keep_mb)
             for logger in self.loggers:
                 logger.log_config(self.config.to_dict())
             self._fit_started = monotonic() - self.elapsed_s  # the budget counts resumed runs' time too
