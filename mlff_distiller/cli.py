@@ -119,7 +119,6 @@ UNITS = {
     "ns_per_day": "ns/day",
     "atom_steps_per_s": "atom-steps/s",
     "wall_s": "s",
-    "temperature_mean": "K",
     "fresh_force_mae": "meV/Å",
     "force_mae_rel": "x std",
     "fresh_force_mae_rel": "x std",

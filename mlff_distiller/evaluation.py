@@ -46,7 +46,9 @@ class Evaluation:
     ``energy_rmse_per_atom`` (meV/atom), ``force_mae``, ``force_rmse`` (meV/Å), ``stress_mae`` (meV/Å³, when
     every structure has a stress), ``hessian_mae`` (meV/Å², when structures carry Hessian rows),
     ``force_mae/<element>``, ``energy_mae_per_atom/<group>`` and ``force_mae/<group>`` (``<group>`` e.g.
-    ``config_type=md_600K``), and ``num_structures``, ``num_atoms``, ``force_std`` (meV/Å, of the labels)."""
+    ``config_type=md_600K``), and ``num_structures``, ``num_atoms``, ``force_std`` (meV/Å: the standard deviation
+    of the reference force components) and ``force_mae_rel`` (``force_mae / force_std``: the error in units of
+    the forces' own spread, which the distillation targets and bounds use)."""
     parity: dict[str, np.ndarray] = field(repr=False)
     """``<name>_reference`` and ``<name>_predicted`` for ``energy_per_atom`` (eV/atom), ``forces`` (eV/Å,
     components), ``stress`` (eV/Å³, components) and ``hessian`` (eV/Å², entries) when present; for
@@ -211,7 +213,10 @@ def evaluate_structures(
     metrics = sums.compute()
     metrics["num_structures"] = float(len(labelled))
     metrics["num_atoms"] = float(label_forces.shape[0])
-    metrics["force_std"] = 1e3 * float(label_forces.reshape(-1).std()) if label_forces.numel() > 1 else 0.0
+    # The spread of the reference force components (population std): the scale force errors are judged on.
+    force_std = 1e3 * float(label_forces.reshape(-1).std(correction=0))
+    metrics["force_std"] = force_std
+    metrics["force_mae_rel"] = metrics["force_mae"] / force_std if force_std > 0 else float("nan")
     return Evaluation(metrics, _parity(collected, labelled), _with_predictions(labelled, collected))
 
 

@@ -26,12 +26,16 @@ def parity_plot(
     title: str = "",
     reference_label: str = "reference",
     predicted_label: str = "predicted",
+    label: str = "",
+    overlay: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path | None:
     """Write a PNG with one panel per quantity that ``parity`` holds; None (with a warning) without matplotlib.
 
     ``parity`` maps ``<name>_reference`` and ``<name>_predicted`` to equal-length arrays (eV units) for the
     names of :data:`PANELS` (e.g. :attr:`mlff_distiller.evaluation.Evaluation.parity`); names absent from it
-    get no panel. Each panel's title gives the MAE in meV units.
+    get no panel. Each panel's title gives the MAE in meV units. ``overlay`` maps set names to more parity data
+    drawn in the same panels in other colours (e.g. the distillation report's fresh frames next to its test
+    split), with a legend naming ``parity`` as ``label``; each panel's title then gives each set's MAE.
     """
     present = [panel for panel in PANELS if f"{panel[0]}_reference" in parity and len(parity[f"{panel[0]}_reference"])]
     if not present:
@@ -44,17 +48,27 @@ def parity_plot(
     except ImportError:
         log.warning("matplotlib is not installed: no parity plot (pip install matplotlib).")
         return None
+    sets = [(label, parity), *(overlay or {}).items()]
     figure, axes = plt.subplots(1, len(present), figsize=(4.4 * len(present), 4.2), squeeze=False)
-    for axis, (name, label, unit) in zip(axes[0], present):
-        reference = np.asarray(parity[f"{name}_reference"], dtype=np.float64)
-        predicted = np.asarray(parity[f"{name}_predicted"], dtype=np.float64)
-        axis.set_title(f"MAE {1e3 * float(np.abs(predicted - reference).mean()):.3g} {unit}")
-        low = float(min(reference.min(), predicted.min()))
-        high = float(max(reference.max(), predicted.max()))
+    for axis, (name, axis_label, unit) in zip(axes[0], present):
+        errors, low, high = [], np.inf, -np.inf
+        for set_name, data in sets:
+            if not len(data.get(f"{name}_reference", ())):
+                continue
+            reference = np.asarray(data[f"{name}_reference"], dtype=np.float64)
+            predicted = np.asarray(data[f"{name}_predicted"], dtype=np.float64)
+            errors.append((set_name, 1e3 * float(np.abs(predicted - reference).mean())))
+            low = min(low, float(min(reference.min(), predicted.min())))
+            high = max(high, float(max(reference.max(), predicted.max())))
+            axis.scatter(reference, predicted, s=4, alpha=0.5, linewidths=0, label=set_name or None)
+        if overlay:
+            axis.set_title(f"MAE ({unit}): " + ", ".join(f"{n} {e:.3g}" for n, e in errors), fontsize=9)
+            axis.legend(fontsize=8)
+        else:
+            axis.set_title(f"MAE {errors[0][1]:.3g} {unit}")
         axis.plot([low, high], [low, high], color="0.6", linewidth=1)
-        axis.scatter(reference, predicted, s=4, alpha=0.5, linewidths=0)
-        axis.set_xlabel(f"{reference_label} {label}")
-        axis.set_ylabel(f"{predicted_label} {label}")
+        axis.set_xlabel(f"{reference_label} {axis_label}")
+        axis.set_ylabel(f"{predicted_label} {axis_label}")
         axis.set_aspect("equal", adjustable="datalim")
     if title:
         figure.suptitle(title)

@@ -1,10 +1,12 @@
 """The stability gate: does the student survive the molecular dynamics it was distilled for?
 
-:func:`stability_gate` runs the student (an ASE calculator) in a cell of at least ``min_atoms`` atoms:
-Langevin NVT at ``temperature_factor`` x the highest target temperature for ``nvt_ps``, then NVE (velocity
-Verlet) from the final NVT state for ``nve_ps``. It passes when, documented thresholds all met:
+:func:`stability_gate` runs the student in a cell of at least ``min_atoms`` atoms through the package's one MD
+routine (:func:`mlff_distiller.md.driver.run_md`, ASE's integrators): Langevin NVT at ``temperature_factor`` x
+the highest target temperature for ``nvt_ps``, then NVE (velocity Verlet) from the final NVT state for
+``nve_ps``. It passes when, documented thresholds all met:
 
-- both runs complete: energies and positions stay finite and no two atoms come closer than the bound
+- both runs stay stable in the driver's sense (:mod:`mlff_distiller.md.stability`): energies and positions stay
+  finite and no two atoms come closer than the bound
   (``min_distance_fraction`` x the smallest distance in the teacher-labelled data; 0.6 puts it well inside
   the repulsive wall: Cu-Cu neighbours are 2.55 Å, the bound ~1.4 Å);
 - the NVT run's mean temperature over its second half is within ``temperature_tolerance`` of the target
@@ -27,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..teachers.structures import supercell
-from .dynamics import run_md
+from ..teachers.structures import default_timestep_fs, supercell
 
 if TYPE_CHECKING:
     from ase import Atoms
+
+    from ..md.driver import MDSummary
 
 
 class DistillationFailed(Exception):
@@ -59,7 +62,8 @@ class GateConfig:
     friction_per_fs: float = 0.01
     """Langevin friction of the NVT run, 1/fs."""
     record_every: int = 20
-    """Steps between checks (closest approach, finite energy) and recorded energies."""
+    """Steps between the driver's thermo rows: stability checks (closest approach, finite energy; a student's
+    closest approach is also watched at every step) and recorded energies."""
     min_distance_fraction: float = 0.6
     """The closest-approach bound, as a fraction of the smallest interatomic distance in the labelled data."""
     temperature_tolerance: float = 0.2
@@ -94,94 +98,78 @@ def stability_gate(
     min_distance_bound: float,
     seed: int = 0,
 ) -> tuple[dict[str, float], list[str]]:
-    """Run the gate (see the module docstring) with ``calculator`` from ``reference`` (repeated to
-    ``config.min_atoms`` atoms when periodic). Returns (metrics, reasons it failed; empty when it passed).
+    """Run the gate (see the module docstring) with ``calculator`` (a
+    :class:`~mlff_distiller.md.potential.StudentPotential` or any ASE calculator) from ``reference`` (repeated to
+    ``config.min_atoms`` atoms when periodic), through :func:`mlff_distiller.md.driver.run_md` and its stability
+    check. Returns (metrics, reasons it failed; empty when it passed).
 
-    Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound``, ``nvt/time_ps``,
-    ``nvt/min_distance``, ``nvt/temperature_mean``, ``nve/time_ps``, ``nve/energy_drift``,
-    ``nve/max_energy_deviation``, ``nve/min_distance``, ``passed`` (1.0 / 0.0), ``seconds``.
+    Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound``, ``timestep_fs``, per
+    segment (``nvt/``, ``nve/``) the driver's ``time_ps``, ``min_distance``, ``mean_temperature`` (NVT: over its
+    second half) and ``ns_per_day``, the NVE's ``energy_drift`` and ``max_energy_deviation``; ``passed``
+    (1.0 / 0.0) and ``seconds``.
     """
+    from ..md.driver import ENSEMBLES, MDSettings, run_md, seed_from
+
     started = time.perf_counter()
     atoms = reference.copy()
     atoms.calc = None
     if atoms.pbc.all():
         atoms = supercell(atoms, config.min_atoms)
+    if config.hydrogen_mass is not None:
+        atoms.set_masses(np.where(atoms.numbers == 1, config.hydrogen_mass, atoms.get_masses()))
     temperature = config.temperature_factor * max(target_temperatures)
-    masses = {1: config.hydrogen_mass} if config.hydrogen_mass is not None else None
-    rng = np.random.default_rng([seed, 29])
+    timestep = config.timestep_fs if config.timestep_fs is not None else default_timestep_fs(atoms)
     reasons: list[str] = []
     metrics: dict[str, float] = {
         "num_atoms": float(len(atoms)),
         "temperature_K": temperature,
         "min_distance_bound": min_distance_bound,
+        "timestep_fs": timestep,
     }
 
-    def steps(ps: float, timestep: float) -> int:
-        return int(round(1000.0 * ps / timestep))
+    def segment(name: str, ps: float, start: Atoms, ensemble: str, equilibration_steps: int = 0) -> MDSummary:
+        steps = int(round(1000.0 * ps / timestep))
+        settings = MDSettings(
+            ensemble=ensemble,
+            temperature_K=temperature,
+            timestep_fs=timestep,
+            steps=steps,
+            friction_per_ps=1000.0 * config.friction_per_fs,
+            thermo_interval=config.record_every,
+            write_interval=config.record_every,
+            min_distance=min_distance_bound,
+            seed=seed_from(seed, 29, ENSEMBLES.index(ensemble)),
+            keep_velocities=ensemble == "nve" and config.nvt_ps > 0,
+            equilibration_steps=min(equilibration_steps, steps),
+        )
+        summary = run_md(calculator, start, settings)
+        fields = ["time_ps", "min_distance", "mean_temperature", "ns_per_day"]
+        fields += ["energy_drift", "max_energy_deviation"] if ensemble == "nve" else []
+        metrics.update({f"{name}/{field}": float(getattr(summary, field)) for field in fields})
+        if not summary.stable:
+            where = f"NVT at {temperature:g} K ({len(atoms)} atoms)" if ensemble == "nvt" else "NVE"
+            reasons.append(f"{where} became unstable after {summary.time_ps:.3g} of {ps:g} ps: {summary.reason}")
+        return summary
 
-    from ..teachers.structures import default_timestep_fs
-
-    timestep = config.timestep_fs if config.timestep_fs is not None else default_timestep_fs(atoms)
-    metrics["timestep_fs"] = timestep
     start = atoms
     if config.nvt_ps > 0:
-        nvt = run_md(
-            atoms,
-            calculator,
-            steps(config.nvt_ps, timestep),
-            "nvt",
-            temperature,
-            timestep,
-            config.friction_per_fs,
-            record_every=config.record_every,
-            min_distance_bound=min_distance_bound,
-            rng=rng,
-            masses=masses,
-        )
-        second_half = nvt.temperature_K[len(nvt.temperature_K) // 2 :]
-        mean_temperature = float(np.mean(second_half)) if second_half else math.nan
-        metrics.update(
-            {
-                "nvt/time_ps": nvt.time_ps,
-                "nvt/min_distance": nvt.min_distance,
-                "nvt/temperature_mean": mean_temperature,
-            }
-        )
-        if not nvt.stable:
-            where = f"NVT at {temperature:g} K ({len(atoms)} atoms)"
-            reasons.append(f"{where} stopped: {nvt.stopped} of {config.nvt_ps:g} ps")
-        elif abs(mean_temperature - temperature) > config.temperature_tolerance * temperature:
+        # The mean temperature is taken over the second half: the first half forgets the starting velocities.
+        nvt = segment("nvt", config.nvt_ps, atoms, "nvt", int(round(500.0 * config.nvt_ps / timestep)))
+        mean_temperature = nvt.mean_temperature
+        if nvt.stable and not abs(mean_temperature - temperature) <= config.temperature_tolerance * temperature:
             reasons.append(
                 f"NVT mean temperature {mean_temperature:.0f} K is more than {100 * config.temperature_tolerance:g} % "
                 f"off the {temperature:g} K target"
             )
-        start = nvt.final if nvt.final is not None else atoms
+        start = nvt.final.copy()
+        # The thermostat moved the centre of mass; NVE starts with it at rest (its temperature counts 3N - 3).
+        masses = start.get_masses()[:, None]
+        momenta = start.get_momenta()
+        start.set_momenta(momenta - masses * (momenta.sum(0) / masses.sum()))
     if config.nve_ps > 0 and not reasons:
-        nve = run_md(
-            start,
-            calculator,
-            steps(config.nve_ps, timestep),
-            "nve",
-            temperature,
-            timestep,
-            record_every=config.record_every,
-            min_distance_bound=min_distance_bound,
-            rng=rng,
-            draw_momenta=config.nvt_ps <= 0,
-            masses=masses,
-        )
-        drift = nve.energy_drift()
-        metrics.update(
-            {
-                "nve/time_ps": nve.time_ps,
-                "nve/energy_drift": drift,
-                "nve/max_energy_deviation": nve.max_energy_deviation(),
-                "nve/min_distance": nve.min_distance,
-            }
-        )
-        if not nve.stable:
-            reasons.append(f"NVE stopped: {nve.stopped} of {config.nve_ps:g} ps")
-        elif not abs(drift) <= config.max_nve_drift:
+        nve = segment("nve", config.nve_ps, start, "nve")
+        drift = nve.energy_drift
+        if nve.stable and not abs(drift) <= config.max_nve_drift:
             reasons.append(f"NVE energy drift {drift:.3g} meV/atom/ps exceeds ±{config.max_nve_drift:g}")
     metrics["passed"] = 0.0 if reasons else 1.0
     metrics["seconds"] = time.perf_counter() - started
@@ -206,7 +194,7 @@ def advice(reasons: list[str]) -> str:
     """What to try, from what failed."""
     tips = []
     text = " ".join(reasons).lower()
-    if "nvt" in text or "nve stopped" in text or "apart" in text:
+    if "unstable" in text or "apart" in text:
         tips.append(
             "explore more where MD fails: more rounds or a larger budget (distill.rounds, distill.teacher_budget, "
             "distill.per_round), exploration at the gate's temperature (distill.explore.hot_factor)"

@@ -53,10 +53,9 @@ import numpy as np
 
 from ..teachers.cache import announce, cache_key, canonical, default_cache_dir, exclusive_lock, write_text_atomic
 from ..teachers.cache import write_structures_atomic as write_structures
-from ..teachers.structures import fresh_copy, min_distance, random_strain, supercell
+from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance, random_strain, supercell
 from ..training.callbacks import Callback
 from .budget import total_teacher_calls
-from .dynamics import run_md
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -448,6 +447,7 @@ class ActiveLoop:
         return path
 
     def _round(self, r: int, used: int) -> dict[str, Any]:
+        from ..teachers.calculators import CalculatorSpec
         from ..teachers.labelling import label_structures, read_labelled
 
         directory = self._round_dir(r)
@@ -483,9 +483,9 @@ class ActiveLoop:
             )
             fresh_labelled = read_labelled(fresh_path)
             fresh_calls = total_teacher_calls(fresh_labelled)
-            from .accuracy import evaluate_against_labels
+            from ..evaluation import evaluate_structures
 
-            fresh_metrics, _ = evaluate_against_labels(members[0], fresh_labelled)
+            fresh_metrics = evaluate_structures(members[0], fresh_labelled, metric_groups_key=None).metrics
         seconds["fresh"] = time.perf_counter() - clock
         self.hook(f"round{r}/fresh")
 
@@ -509,15 +509,20 @@ class ActiveLoop:
         clock = time.perf_counter()
         calls = 0
         if selected:
+            # The round's labels are round 0's kind (data.source): the same rows, site energies and workers.
+            s = self.sampling
             labelled_path = label_structures(
                 selected,
-                self.teacher,
+                CalculatorSpec(s.teacher, s.teacher_kwargs) if s.label_workers > 1 else self.teacher,
                 directory / "labelled.extxyz",
-                chunk_size=self.sampling.chunk_size,
+                chunk_size=s.chunk_size,
                 progress=self.config.progress,
-                hessian_rows=self.sampling.hessian_rows,
-                hessian_delta=self.sampling.hessian_delta,
-                hessian_seed=self.sampling.seed + r,
+                hessian_rows=s.hessian_rows,
+                hessian_delta=s.hessian_delta,
+                hessian_seed=s.seed + r,
+                hessian_method=s.hessian_method,
+                site_energies=s.site_energies,
+                workers=s.label_workers,
             )
             calls = total_teacher_calls(read_labelled(labelled_path))
         seconds["label"] = time.perf_counter() - clock
@@ -605,7 +610,8 @@ class ActiveLoop:
     # ------------------------------------------------------------------ exploration
     def _explore(self, r: int, members: list[nn.Module], training: list[Atoms]) -> list[Atoms]:
         """Candidate frames of round ``r`` with their committee scores (computed once, then read back)."""
-        from ..calculator import StudentCalculator
+        from ..md.driver import MDSettings, run_md, seed_from
+        from ..md.potential import StudentPotential
         from ..teachers.labelling import read_labelled
 
         path = self._round_dir(r) / "candidates.extxyz"
@@ -624,7 +630,7 @@ class ActiveLoop:
         plan = [(variant, t) for variant in explore.variants for t in temperatures]
         runs = explore.runs or len(plan)
         rng = np.random.default_rng([self.config.seed, r, 7])
-        driver = StudentCalculator(members[0])
+        driver = StudentPotential(members[0])
         frames: list[Atoms] = []
         for run in range(runs):
             variant, temperature = plan[run % len(plan)]
@@ -635,31 +641,33 @@ class ActiveLoop:
                 start = supercell(start, explore.large_atoms)
             elif not start.pbc.all():
                 variant = "plain"
-            result = run_md(
-                start,
-                driver,
-                explore.steps,
-                "nvt",
-                temperature,
-                explore.timestep_fs,
-                explore.friction_per_fs,
-                record_every=explore.frame_interval,
+            settings = MDSettings(
+                ensemble="nvt",
+                temperature_K=float(temperature),
+                timestep_fs=explore.timestep_fs if explore.timestep_fs is not None else default_timestep_fs(start),
+                steps=explore.steps,
+                friction_per_ps=1000.0 * explore.friction_per_fs,
+                thermo_interval=explore.frame_interval,
+                write_interval=explore.frame_interval,
+                min_distance=self.bound,
+                seed=seed_from(self.config.seed, r, run, 13),
                 equilibration_steps=explore.equilibration_steps,
-                min_distance_bound=self.bound,
-                rng=np.random.default_rng([self.config.seed, r, run, 13]),
-                keep_frames=True,
             )
+            result = run_md(driver, start, settings, keep_frames=True)
             kept = result.frames
             if not result.stable:
                 log.info(
-                    "Round %d exploration run %d (%s, %g K) stopped: %s", r, run, variant, temperature, result.stopped
+                    "Round %d exploration run %d (%s, %g K) became unstable: %s",
+                    r,
+                    run,
+                    variant,
+                    temperature,
+                    result.reason,
                 )
-                for frame in kept[-explore.unstable_frames :] if explore.unstable_frames else []:
-                    frame.info["unstable"] = 1
-            for frame in kept:
-                step = int(frame.info.pop("md_step"))
-                frame.info.pop("md_time_ps", None)
-                frame.info.update(
+            unstable = set(range(len(kept))[-explore.unstable_frames :]) if explore.unstable_frames else set()
+            for index, frame in enumerate(kept):
+                step = int(frame.info["step"])
+                info = dict(
                     provenance=f"explore:round={r}:run={run}:driver=student:T={temperature:g}K:variant={variant}:step={step}",
                     config_type=f"explore_{temperature:g}K",
                     round=r,
@@ -670,7 +678,9 @@ class ActiveLoop:
                     variant=variant,
                     target=int(temperature in targets),
                 )
-                frames.append(fresh_copy(frame, **frame.info))
+                if not result.stable and index in unstable:
+                    info["unstable"] = 1
+                frames.append(fresh_copy(frame, **info))
         if len(members) >= 2:
             from .committee import committee_deviation
 

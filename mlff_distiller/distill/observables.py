@@ -326,54 +326,39 @@ def langevin_frames(
     interval: int = 10,
     seed: int = 0,
 ) -> list[Atoms]:
-    """Frames of a Langevin NVT run (ASE) driven by ``calculator``: ``equilibration_steps`` steps, then one frame
+    """Frames of a Langevin NVT run driven by ``calculator`` through the package's MD driver
+    (:func:`mlff_distiller.md.driver.run_md`, ASE's integrator): ``equilibration_steps`` steps, then one frame
     every ``interval`` steps for ``steps`` steps.
 
-    Starts from Maxwell-Boltzmann momenta at ``temperature_K`` (seeded, centre-of-mass motion removed and kept
-    fixed); the thermostat's noise is seeded too, so the same calculator gives the same frames.
-    ``timestep_fs`` None: 0.5 fs with hydrogen, else 2 fs. A run whose positions or energy stop being finite
-    ends there (logged): the frames before it are returned, and fewer frames than asked is the signal.
+    Velocities and the thermostat's noise are seeded by ``seed``, so the same calculator gives the same frames.
+    ``timestep_fs`` None: 0.5 fs with hydrogen, else 2 fs. A run that becomes unstable in the driver's sense
+    (non-finite energy or positions, atoms closer than half the starting closest approach) ends there (logged):
+    the frames before it are returned, and fewer frames than asked is the signal.
     """
-    from ase import units
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
-
-    from ..teachers.sampling import default_timestep_fs
+    from ..md.driver import MDSettings, run_md
+    from ..teachers.structures import default_timestep_fs
 
     if steps < interval or interval < 1 or equilibration_steps < 0:
         raise ValueError(
             f"MD needs steps >= interval >= 1 and equilibration_steps >= 0; got steps={steps}, interval={interval}, "
             f"equilibration_steps={equilibration_steps}."
         )
-    atoms = _bare(atoms)
-    atoms.calc = calculator
-    rng = np.random.default_rng(seed)
-    # Maxwell-Boltzmann momenta written out (ASE renamed its helper in 3.29), without centre-of-mass motion.
-    masses = atoms.get_masses()[:, None]
-    momenta = rng.standard_normal((len(atoms), 3)) * np.sqrt(masses * units.kB * temperature_K)
-    atoms.set_momenta(momenta - masses * (momenta.sum(0) / masses.sum()))
-    atoms.set_constraint(FixCom())
-    step = timestep_fs if timestep_fs is not None else default_timestep_fs(atoms)
-    dynamics = Langevin(
-        atoms,
-        timestep=step * units.fs,
+    start = _bare(atoms)
+    settings = MDSettings(
+        ensemble="nvt",
         temperature_K=temperature_K,
-        friction=friction_per_fs / units.fs,
-        fixcm=False,
-        rng=rng,
+        timestep_fs=timestep_fs if timestep_fs is not None else default_timestep_fs(start),
+        steps=equilibration_steps + steps,
+        friction_per_ps=1000.0 * friction_per_fs,
+        thermo_interval=interval,
+        write_interval=interval,
+        seed=seed,
+        equilibration_steps=equilibration_steps,
     )
-    frames: list[Atoms] = []
-    chunks = ([equilibration_steps] if equilibration_steps else []) + [interval] * (steps // interval)
-    done = 0
-    for index, chunk in enumerate(chunks):
-        dynamics.run(chunk)
-        done += chunk
-        if not (np.isfinite(atoms.positions).all() and math.isfinite(atoms.get_potential_energy())):
-            log.warning("MD stopped at step %d: non-finite positions or energy.", done)
-            break
-        if index > 0 or not equilibration_steps:
-            frames.append(_bare(atoms))
-    return frames
+    summary = run_md(calculator, start, settings, keep_frames=True)
+    if not summary.stable:
+        log.warning("MD stopped: %s.", summary.reason)
+    return [_bare(frame) for frame in summary.frames]
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ test split and the system's seed structures, and measures
 - speed: single-point energy + forces per second of teacher and student on the same structures
   (periodic systems: supercells of about 32 and 256 atoms) (``speed/...``);
 - the stability gate (:mod:`.gate`: NVT at 1.5x the highest target temperature, then NVE) (``gate/...``);
-- observables, student vs teacher (equation of state, vibrational frequencies, RDF) when
-  :mod:`mlff_distiller.distill.observables` is installed (``observables/...``);
+- observables, student vs teacher (:mod:`.observables`: equation of state and bulk modulus, vibrational
+  frequencies, RDF, by the kind of system) (``observables/...``);
 - the active loop's rounds when there was one: teacher calls per round, fresh-frame error per round
   (``loop/...``, ``teacher_calls/...``) and a learning curve;
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,14 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..teachers.structures import min_distance, supercell
-from .accuracy import evaluate_against_labels
+from ..evaluation import evaluate_structures
+from ..plots import parity_plot
+from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance, supercell
 from .budget import total_teacher_calls
-from .dynamics import run_md
 from .gate import GateConfig, advice, stability_gate, verdict
 
 if TYPE_CHECKING:
@@ -51,6 +49,9 @@ if TYPE_CHECKING:
     from .loop import LoopResult
 
 log = logging.getLogger(__name__)
+
+FRESH_FRICTION_PER_PS = 20.0
+"""Langevin friction of the fresh-frame MD, 1/ps (the exploration's)."""
 
 SPEED_SIZES = (32, 256)
 """Atoms in the structures timed for speed (periodic systems; at least this many)."""
@@ -144,37 +145,40 @@ def fresh_frames(
     min_distance_bound: float,
     seed: int = 0,
 ) -> tuple[list[Atoms], list[str]]:
-    """Snapshots of the student's own Langevin MD: ``per_temperature`` frames every ``interval`` steps after
-    ``equilibration_steps`` at each temperature, starting from ``starts`` in turn. Returns (frames, one line
-    per run that became unphysical); frames of such a run are those before it did."""
+    """Snapshots of the student's own Langevin MD (:func:`mlff_distiller.md.driver.run_md`; ``calculator`` a
+    :class:`~mlff_distiller.md.potential.StudentPotential` or an ASE calculator): ``per_temperature`` frames
+    every ``interval`` steps after ``equilibration_steps`` at each temperature, starting from ``starts`` in turn.
+    Returns (frames, one line per run that became unstable); frames of such a run are those before it did."""
+    from ..md.driver import MDSettings, run_md, seed_from
+
     frames, unstable = [], []
     for i, temperature in enumerate(temperatures):
-        start = starts[i % len(starts)].copy()
-        start.calc = None
-        run = run_md(
-            start,
-            calculator,
-            equilibration_steps + per_temperature * interval,
-            "nvt",
-            float(temperature),
-            timestep_fs,
-            record_every=interval,
+        start = fresh_copy(starts[i % len(starts)])
+        settings = MDSettings(
+            ensemble="nvt",
+            temperature_K=float(temperature),
+            timestep_fs=timestep_fs if timestep_fs is not None else default_timestep_fs(start),
+            steps=equilibration_steps + per_temperature * interval,
+            friction_per_ps=FRESH_FRICTION_PER_PS,
+            thermo_interval=interval,
+            write_interval=interval,
+            min_distance=min_distance_bound,
+            seed=seed_from(seed, i, 31),
             equilibration_steps=equilibration_steps,
-            min_distance_bound=min_distance_bound,
-            rng=np.random.default_rng([seed, i, 31]),
-            keep_frames=True,
         )
+        run = run_md(calculator, start, settings, keep_frames=True)
         if not run.stable:
-            unstable.append(f"{temperature:g} K: {run.stopped}")
+            unstable.append(f"{temperature:g} K: {run.reason}")
         for frame in run.frames:
-            step = int(frame.info.pop("md_step"))
-            frame.info.pop("md_time_ps", None)
-            frame.info.update(
-                provenance=f"fresh:driver=final_student:T={temperature:g}K:run={i}:step={step}",
-                config_type=f"fresh_{temperature:g}K",
-                temperature_K=float(temperature),
+            step = int(frame.info["step"])
+            frames.append(
+                fresh_copy(
+                    frame,
+                    provenance=f"fresh:driver=final_student:T={temperature:g}K:run={i}:step={step}",
+                    config_type=f"fresh_{temperature:g}K",
+                    temperature_K=float(temperature),
+                )
             )
-            frames.append(frame)
     return frames, unstable
 
 
@@ -189,48 +193,6 @@ def _pyplot() -> Any:
         log.warning("matplotlib is not installed: no plots (pip install matplotlib).")
         return None
     return plt
-
-
-def parity_plot(
-    parity: dict[str, np.ndarray],
-    path: str | os.PathLike[str],
-    title: str = "",
-    fresh: dict[str, np.ndarray] | None = None,
-) -> Path | None:
-    """Student vs teacher energies per atom and force components (the sampled split, and the fresh frames
-    in a second colour when given), as a PNG; None (with a warning) when matplotlib is missing."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    figure, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    panels = (
-        ("energy_per_atom", "energy (eV/atom)", "meV/atom"),
-        ("forces", "force components (eV/Å)", "meV/Å"),
-    )
-    sets = [("sampled test", parity)] + ([("fresh frames", fresh)] if fresh else [])
-    for axis, (name, label, unit) in zip(axes, panels):
-        titles = []
-        low, high = math.inf, -math.inf
-        for set_name, data in sets:
-            teacher, student = data[f"{name}_teacher"], data[f"{name}_student"]
-            titles.append(f"{set_name} {1e3 * float(np.abs(student - teacher).mean()):.3g}")
-            low = min(low, float(min(teacher.min(), student.min())))
-            high = max(high, float(max(teacher.max(), student.max())))
-            axis.scatter(teacher, student, s=4, alpha=0.5, linewidths=0, label=set_name)
-        axis.plot([low, high], [low, high], color="0.6", linewidth=1)
-        axis.set_title(f"MAE ({unit}): " + ", ".join(titles), fontsize=9)
-        axis.set_xlabel(f"teacher {label}")
-        axis.set_ylabel(f"student {label}")
-        axis.set_aspect("equal", adjustable="datalim")
-        if fresh:
-            axis.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
 
 
 def learning_curve_plot(
@@ -258,21 +220,6 @@ def learning_curve_plot(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-# ---------------------------------------------------------------------- observables (seam)
-def observables(
-    student_calculator: Any, teacher: Any, reference: Atoms, output_dir: Path, options: dict[str, Any], seed: int
-) -> dict[str, float]:
-    """Student vs teacher observables from :func:`mlff_distiller.distill.observables.observables_report`
-    (prefixed ``observables/``); {} with a warning when that module is not installed."""
-    try:
-        from .observables import observables_report
-    except ImportError:
-        log.warning("mlff_distiller.distill.observables is not installed: no observables in the report.")
-        return {}
-    metrics = observables_report(student_calculator, teacher, reference, output_dir, seed=seed, **options)
-    return {name if name.startswith("observables/") else f"observables/{name}": v for name, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------- the report
@@ -323,9 +270,8 @@ def distillation_report(
     output.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     clock = time.perf_counter()
-    accuracy, parity = evaluate_against_labels(student, test_structures)
-    metrics: dict[str, Any] = {f"test/{name}": value for name, value in accuracy.items()}
-    metrics["test/num_structures"] = float(len(test_structures))
+    test = evaluate_structures(student, test_structures, metric_groups_key=None, source="the sampled test split")
+    metrics: dict[str, Any] = {f"test/{name}": value for name, value in test.metrics.items()}
     if min_distance_bound is None:
         min_distance_bound = config.gate.min_distance_fraction * min(min_distance(a) for a in test_structures)
     calculator = StudentCalculator(student, dtype=student_dtype)
@@ -350,9 +296,9 @@ def distillation_report(
             path = output / "fresh_frames.extxyz"
             path.unlink(missing_ok=True)
             labelled = read_labelled(label_structures(frames, teacher, path, progress=False))
-            fresh_accuracy, fresh_parity = evaluate_against_labels(student, labelled)
-            metrics.update({f"fresh/{name}": value for name, value in fresh_accuracy.items()})
-            metrics["fresh/num_structures"] = float(len(labelled))
+            fresh = evaluate_structures(student, labelled, metric_groups_key="config_type", source=str(path))
+            fresh_parity = fresh.parity
+            metrics.update({f"fresh/{name}": value for name, value in fresh.metrics.items()})
             metrics["fresh/teacher_calls"] = float(total_teacher_calls(labelled))
     times["fresh_s"] = time.perf_counter() - clock
 
@@ -378,7 +324,11 @@ def distillation_report(
 
     if config.observables is not None:
         clock = time.perf_counter()
-        metrics.update(observables(calculator, teacher, reference, output, config.observables, seed))
+        from .observables import observables_report
+
+        # Finite-difference frequencies and EOS fits need float64 energies: float32 rounding would be measured.
+        precise = StudentCalculator(student, dtype=torch.float64)
+        metrics.update(observables_report(precise, teacher, reference, output, seed=seed, **config.observables))
         times["observables_s"] = time.perf_counter() - clock
 
     curve: list[tuple[float, float, str]] = []
@@ -396,7 +346,13 @@ def distillation_report(
     metrics["reasons"] = reasons
 
     plot = parity_plot(
-        parity, output / "parity.png", f"student vs teacher, {len(test_structures)} test structures", fresh_parity
+        test.parity,
+        output / "parity.png",
+        f"student vs teacher, {len(test_structures)} test structures",
+        reference_label="teacher",
+        predicted_label="student",
+        label="sampled test",
+        overlay={"fresh frames": fresh_parity} if fresh_parity else None,
     )
     if plot is not None:
         log.info("Parity plot: %s", plot)

@@ -1,12 +1,15 @@
 """The MD driver every engine runs under: settings, initial velocities, thermo and trajectory output, the
-stability check and the summary.
+stability check and the summary. It is the one MD routine of the package: ``mlff-md``, and in the distillation
+path the round-0 sampling driven by the teacher, the students' exploration, the fresh frames, the stability gate
+and the observables' MD all run through it, so "unstable" means the same everywhere.
 
 :func:`run_md` advances an engine (:mod:`mlff_distiller.md.engines`) in chunks of ``thermo_interval`` steps.
 After each chunk it reads the state back (positions and momenta in the input frame, ASE units), evaluates
 the potential energy and, for periodic cells, the stress there, appends a ``thermo.csv`` row, writes a
 trajectory frame every ``write_interval`` steps, and stops the run as soon as
 :class:`~mlff_distiller.md.stability.StabilityGuard` names a violation. The summary holds the speed (ns/day,
-atom-steps/s), the energy drift (NVE), the closest approach and the mean temperature.
+atom-steps/s), the energy drift (NVE), the closest approach and the mean temperature (after
+``equilibration_steps``); with ``keep_frames`` it also holds the frames in memory.
 
 Temperatures count 3N - 3 degrees of freedom in NVE (runs start with the centre of mass at rest and forces
 sum to zero, so it stays at rest) and 3N in NVT (the Langevin thermostats also thermalise the centre of mass).
@@ -57,6 +60,9 @@ class MDSettings:
     """Seeds the initial velocities and the thermostat's noise."""
     keep_velocities: bool = False
     """Start from the momenta the structure carries instead of drawing Maxwell-Boltzmann velocities."""
+    equilibration_steps: int = 0
+    """Steps (counted from step 0) left out of the mean temperature and the energy drift, and before which no
+    frame is kept: the run forgets its starting velocities first."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field, its value and what is accepted."""
@@ -75,6 +81,11 @@ class MDSettings:
                 f"an integer >= 1 and a multiple of thermo_interval={self.thermo_interval}",
             ),
             ("min_distance", self.min_distance is None or _finite(self.min_distance), "null or a number >= 0 (Å)"),
+            (
+                "equilibration_steps",
+                isinstance(self.equilibration_steps, int) and self.equilibration_steps >= 0,
+                "an integer >= 0",
+            ),
         ]
         for name, ok, accepted in checks:
             if not ok:
@@ -104,23 +115,28 @@ class MDSummary:
     energy_drift: float
     """meV/atom/ps: slope of a linear fit of the total energy per atom (NVE; NaN in NVT)."""
     max_energy_deviation: float
-    """meV/atom: largest |E_total - E_total(start)| (NVE; NaN in NVT)."""
+    """meV/atom: largest |E_total - E_total(start)| (NVE; NaN in NVT); start: the first row after equilibration."""
     min_distance: float
     """Å: closest approach over the run (every force evaluation of a student, every thermo row otherwise)."""
     min_distance_bound: float
     mean_temperature: float
-    """K, over the thermo rows after the first (the starting temperature is imposed, not sampled)."""
+    """K, over the thermo rows after the first and after ``equilibration_steps`` (the starting temperature is
+    imposed, not sampled)."""
     thermo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """The thermo.csv columns, also when no file is written."""
     final: Any = field(default=None, repr=False)
     """The last state read back (ASE ``Atoms`` with momenta, in the input frame)."""
+    frames: list[Any] = field(default_factory=list, repr=False)
+    """With ``keep_frames``: copies of the states at every ``write_interval``-th step after
+    ``equilibration_steps`` that passed the stability check (ASE ``Atoms`` with momenta; ``info["step"]``,
+    ``info["time_ps"]``)."""
 
     def metrics(self, prefix: str = "md/") -> dict[str, Any]:
         """The scalar fields as ``{prefix + name: value}`` (``stable`` as 1.0 / 0.0)."""
         out = {
             k: getattr(self, k)
             for k in self.__dataclass_fields__
-            if k not in ("thermo", "final", "reason", "engine", "ensemble")
+            if k not in ("thermo", "final", "frames", "reason", "engine", "ensemble")
         }
         out["stable"] = 1.0 if self.stable else 0.0
         return {prefix + name: value for name, value in out.items()}
@@ -147,6 +163,12 @@ def initial_momenta(atoms: Any, temperature_K: float, seed: int) -> np.ndarray:
     return momenta - masses * (momenta.sum(0) / masses.sum())
 
 
+def seed_from(*entropy: int) -> int:
+    """An :attr:`MDSettings.seed` derived from a tuple of integers (e.g. (seed, round, run)) by numpy's
+    ``SeedSequence``: runs keyed by different tuples get unrelated velocities and thermostat noise."""
+    return int(np.random.SeedSequence([int(part) for part in entropy]).generate_state(1)[0])
+
+
 def run_md(
     model: Any,
     atoms: Any,
@@ -155,11 +177,14 @@ def run_md(
     output_dir: str | Path | None = None,
     start_step: int = 0,
     engine_options: dict[str, Any] | None = None,
+    keep_frames: bool = False,
 ) -> MDSummary:
     """Run MD of ``atoms`` with ``model`` in ``engine`` and return its summary (also when it became unstable).
 
     Args:
-        model: a :class:`StudentPotential`, or for ``engine="ase"`` any ASE calculator (e.g. a teacher).
+        model: a :class:`StudentPotential`, or for ``engine="ase"`` any ASE calculator (e.g. a teacher); a
+            :class:`~mlff_distiller.calculator.StudentCalculator` runs as its potential (the closest approach is
+            then watched at every force call).
         atoms: the starting structure (not modified); with ``settings.keep_velocities`` its momenta are used.
         settings: see :class:`MDSettings` (validated first).
         engine: ``ase``, ``lammps``, ``ipi``, ``openmm`` or ``torchsim``; a missing package raises
@@ -167,11 +192,14 @@ def run_md(
         output_dir: where ``thermo.csv``, ``trajectory.extxyz`` and ``restart.traj`` go (None: nowhere).
         start_step: the step ``atoms`` is at (resuming a run from its ``restart.traj``).
         engine_options: extra keyword arguments for the engine (see each engine's class).
+        keep_frames: keep the frames of :attr:`MDSummary.frames` in memory.
     """
-
+    from ..calculator import StudentCalculator
     from .engines import make_engine
 
     settings.validate()
+    if isinstance(model, StudentCalculator):
+        model = model.potential
     if len(atoms) < 2:
         raise ValueError(f"MD needs at least 2 atoms; the structure has {len(atoms)}.")
     if not isinstance(model, StudentPotential) and engine != "ase":
@@ -191,12 +219,22 @@ def run_md(
         model.reset_closest()
     runner.start(atoms, model, settings, start_step)
     step, wall, reason = start_step, 0.0, None
+    frames: list[Any] = []
+
+    def keep(frame: Any) -> None:
+        if keep_frames and step > settings.equilibration_steps and step % settings.write_interval == 0:
+            kept = frame.copy()
+            kept.info.update(step=step, time_ps=step * settings.timestep_fs * 1e-3)
+            frames.append(kept)
+
     try:
         frame = runner.state()
         energy, stress, closest = evaluate(frame)
         recorder.add(step, frame, energy, stress, closest)
         output.frame(step, frame, energy, recorder, trajectory=True)
         reason = guard.violation(step, energy, closest)
+        if reason is None:
+            keep(frame)
         while reason is None and step < settings.steps:
             chunk = min(settings.thermo_interval, settings.steps - step)
             started = time.perf_counter()
@@ -218,6 +256,8 @@ def run_md(
             closest = min(closest, seen) if not math.isnan(closest) else closest
             recorder.add(step, frame, energy, stress, closest)
             reason = guard.violation(step, energy, closest)
+            if reason is None:
+                keep(frame)
             output.frame(
                 step, frame, energy, recorder, trajectory=reason is not None or step % settings.write_interval == 0
             )
@@ -225,8 +265,8 @@ def run_md(
         runner.close()
         output.close(recorder)
 
-    if reason is not None:
-        log.error("MD became unstable: %s.", reason)
+    if reason is not None:  # the caller says it as loud as it matters (mlff-md: exit code 4; the gate: a reason)
+        log.info("MD became unstable: %s.", reason)
     time_ps = step * settings.timestep_fs * 1e-3
     done = step - start_step
     return MDSummary(
@@ -242,7 +282,8 @@ def run_md(
         atom_steps_per_s=done * len(atoms) / wall if wall > 0 else math.nan,
         min_distance_bound=guard.min_distance,
         final=frame,
-        **recorder.summary(settings.ensemble),
+        frames=frames,
+        **recorder.summary(settings.ensemble, max(start_step, settings.equilibration_steps)),
     )
 
 
@@ -274,8 +315,15 @@ def _frame_evaluator(model: Any):
     def with_calculator(frame: Any) -> tuple[float, np.ndarray | None, float]:
         frame = frame.copy()
         frame.calc = model
-        energy = float(frame.get_potential_energy())
-        stress = frame.get_stress(voigt=False) if frame.pbc.all() else None
+        energy = float(frame.get_potential_energy())  # the step's own result (ASE keeps it): no extra call
+        # Stress only when the calculator computed it with the forces: asking for it could cost a teacher call.
+        stress = None
+        if frame.pbc.all() and "stress" in getattr(model, "implemented_properties", ()):
+            stress = model.get_property("stress", frame, allow_calculation=False)
+        if stress is not None and np.shape(stress) != (3, 3):
+            from ase.stress import voigt_6_to_full_3x3_stress
+
+            stress = voigt_6_to_full_3x3_stress(stress)
         return energy, stress, closest_approach(frame)
 
     return with_potential if isinstance(model, StudentPotential) else with_calculator
@@ -312,15 +360,17 @@ class _Thermo:
     def columns(self) -> dict[str, np.ndarray]:
         return {name: np.array([row[name] for row in self.rows], dtype=np.float64) for name in THERMO_COLUMNS}
 
-    def summary(self, ensemble: str) -> dict[str, Any]:
+    def summary(self, ensemble: str, sampled_after: int) -> dict[str, Any]:
+        """The averages over the rows from step ``sampled_after`` on (the mean temperature: after it)."""
         columns = self.columns()
-        total = columns["total_energy_eV"] / self.num_atoms
+        sampled = columns["step"] >= sampled_after
+        total = columns["total_energy_eV"][sampled] / self.num_atoms
         finite = np.isfinite(total)
         drift = deviation = math.nan
         if ensemble == "nve" and finite.sum() > 1:
-            drift = 1e3 * float(np.polyfit(columns["time_ps"][finite], total[finite], 1)[0])
+            drift = 1e3 * float(np.polyfit(columns["time_ps"][sampled][finite], total[finite], 1)[0])
             deviation = 1e3 * float(np.abs(total[finite] - total[0]).max())
-        temperatures = columns["temperature_K"][1:]
+        temperatures = columns["temperature_K"][columns["step"] > sampled_after]
         closest = columns["closest_approach_A"]
         return {
             "energy_drift": drift,

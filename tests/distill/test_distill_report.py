@@ -135,10 +135,10 @@ def test_speed_structures_are_supercells_or_the_molecule():
 def test_parity_plot_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypatch, caplog):
     import sys
 
-    from mlff_distiller.distill.report import parity_plot
+    from mlff_distiller.plots import parity_plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    parity = {f"{q}_{who}": np.zeros(3) for q in ("energy_per_atom", "forces") for who in ("teacher", "student")}
+    parity = {f"{q}_{who}": np.zeros(3) for q in ("energy_per_atom", "forces") for who in ("reference", "predicted")}
     with caplog.at_level("WARNING"):
         assert parity_plot(parity, tmp_path / "parity.png") is None
     assert "matplotlib is not installed" in caplog.text and not (tmp_path / "parity.png").exists()

@@ -12,8 +12,8 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.morse import MorsePotential
 
-from mlff_distiller.distill.dynamics import run_md
 from mlff_distiller.distill.gate import GateConfig, advice, stability_gate, verdict
+from mlff_distiller.md.driver import MDSettings, run_md
 
 SHORT = {"nvt_ps": 0.2, "nve_ps": 0.2, "min_atoms": 32, "record_every": 5}
 
@@ -42,14 +42,15 @@ def test_emt_copper_passes_and_conserves_energy():
     assert metrics["num_atoms"] == 32 and metrics["temperature_K"] == 450.0
     assert metrics["nvt/time_ps"] == pytest.approx(0.2) and metrics["nve/time_ps"] == pytest.approx(0.2)
     assert abs(metrics["nve/energy_drift"]) < 0.5  # meV/atom/ps
-    assert metrics["nvt/min_distance"] > 2.0 and 200 < metrics["nvt/temperature_mean"] < 700
+    assert metrics["nvt/min_distance"] > 2.0 and 200 < metrics["nvt/mean_temperature"] < 700
 
 
 def test_a_collapsing_potential_fails_on_the_closest_approach():
     collapsing = MorsePotential(epsilon=1.0, r0=1.0, rho0=3.0, rcut1=3.0, rcut2=4.0)
     metrics, reasons = stability_gate(collapsing, copper(), [300.0], GateConfig(**SHORT), min_distance_bound=1.5)
     assert metrics["passed"] == 0.0 and len(reasons) == 1
-    assert "NVT at 450 K (32 atoms) stopped: atoms" in reasons[0] and "below the 1.5 Å bound" in reasons[0]
+    assert reasons[0].startswith("NVT at 450 K (32 atoms) became unstable after")
+    assert "closer than the bound of 1.500 Å" in reasons[0]
     assert metrics["nvt/time_ps"] < 0.2 and "nve/time_ps" not in metrics  # NVE is not run after a failed NVT
 
 
@@ -60,13 +61,16 @@ def test_an_energy_that_is_not_the_forces_potential_fails_on_drift():
     assert reasons == [f"NVE energy drift {metrics['nve/energy_drift']:.3g} meV/atom/ps exceeds ±1"]
 
 
-def test_md_run_records_frames_and_stops_with_a_reason():
-    run = run_md(copper(), EMT(), 40, "nvt", 300.0, 2.0, record_every=10, equilibration_steps=10, keep_frames=True)
-    assert run.stable and run.steps_done == 40 and [f.info["md_step"] for f in run.frames] == [20, 30, 40]
-    assert run.time_ps == pytest.approx(0.08) and len(run.times_ps) == 5
-    squeezed = run_md(copper(), EMT(), 40, "nve", 300.0, 2.0, record_every=10, min_distance_bound=2.6)
-    assert not squeezed.stable and squeezed.steps_done == 0 and "below the 2.6 Å bound" in squeezed.stopped
-    assert math.isnan(squeezed.energy_drift())
+def test_md_run_keeps_frames_after_equilibration_and_stops_with_a_reason():
+    """The driver's frames (what exploration and fresh frames use) and its stop on the closest-approach bound."""
+    settings = MDSettings("nvt", 300.0, 2.0, 40, thermo_interval=10, write_interval=10, equilibration_steps=10)
+    run = run_md(EMT(), copper(), settings, keep_frames=True)
+    assert run.stable and run.steps == 40 and [f.info["step"] for f in run.frames] == [20, 30, 40]
+    assert run.time_ps == pytest.approx(0.08) and len(run.thermo["step"]) == 5
+    squeezed = MDSettings("nve", 300.0, 2.0, 40, thermo_interval=10, write_interval=10, min_distance=2.6)
+    run = run_md(EMT(), copper(), squeezed, keep_frames=True)
+    assert not run.stable and run.steps == 0 and run.frames == [] and "2.6" in run.reason
+    assert math.isnan(run.energy_drift)
 
 
 def test_verdict_fails_on_bounds_missing_and_non_finite_metrics():
