@@ -15,11 +15,11 @@ the EMA weights (forces by autograd), a cosine scheduler step and a checkpoint (
 EMA). The Trainer adds what the default job has on top: TensorBoard and console logging, a best-model
 checkpoint, previous.pt, atomic fsync'ed writes, the non-finite guard, the preemption and time-budget check,
 metric history. Both run with the host allocator setting the Trainer makes in ``fit()`` (glibc keeps freed
-memory, ``--host-memory-keep-mb``, the Trainer's default 1024): it is process-wide, so it is made once before the
-first run; ``--host-memory-keep-mb 0`` measures both with the allocator's default behaviour.
+memory, the Trainer's default; ``--default-malloc`` turns it off): it is process-wide, so it is made once before the
+first run; ``--default-malloc`` measures both with the allocator's default behaviour.
 
     python benchmarks/trainer_overhead.py [--task default|light] [--repeats 5] [--epochs 2] [--threads 1]
-        [--clock wall|cpu] [--host-memory-keep-mb 1024]
+        [--clock wall|cpu] [--default-malloc]
 
 Prints the median optimizer-step time and total time per side and the Trainer/bare ratios of those medians,
 then each round's ratios with their median (the paired estimate: a round's two runs share the load of the
@@ -50,12 +50,12 @@ from _task import (
     student,
 )
 
-from mlff_distiller.training.host_memory import keep_freed_host_memory
+from mlff_distiller.memory import keep_freed_memory
 
 clock = time.perf_counter
 """What both sides time with; ``--clock cpu`` makes it this thread's CPU time, which other processes on a shared
 machine disturb far less than wall time (but which leaves out waiting on the disk: the Trainer's fsyncs)."""
-host_memory_keep_mb = 1024
+keep_memory = True
 
 
 @dataclass
@@ -176,7 +176,7 @@ def with_trainer(task: Task, epochs: int, run_dir: Path) -> tuple[list[float], f
         log_interval=10,
         monitor="val/force_mae",
         ema_decay=EMA_DECAY,
-        host_memory_keep_mb=host_memory_keep_mb,
+        keep_freed_memory=keep_memory,
         device="cpu",
     )
     trainer = Trainer(
@@ -204,13 +204,16 @@ def main() -> None:
         "--num-train", type=int, default=None, help="training structures (default task: 192, light task: 960)"
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--host-memory-keep-mb", type=int, default=1024, help="0: the allocator's default")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's allocator as it comes (no keep_freed_memory)"
+    )
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global clock, host_memory_keep_mb
-    host_memory_keep_mb = args.host_memory_keep_mb
-    keep_freed_host_memory(host_memory_keep_mb)  # what the Trainer's fit() does, for both sides from the start
+    global clock, keep_memory
+    keep_memory = not args.default_malloc
+    if keep_memory:
+        keep_freed_memory()  # what the Trainer's fit() does, for both sides from the start
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     sides = {"bare": bare_loop, "Trainer": with_trainer}
     results: dict[str, dict[str, list[float]]] = {name: {"step": [], "total": []} for name in sides}
@@ -229,8 +232,8 @@ def main() -> None:
     print(
         f"{task.description}: {len(data.datasets['train'])} train / {len(data.datasets['val'])} val structures, "
         f"batch {data.batch_size}, {args.epochs} epochs, EMA, checkpoint + validation every epoch; {args.threads} "
-        f"thread(s), {args.repeats} alternating runs, medians, {args.clock} clock, host memory kept "
-        f"up to {args.host_memory_keep_mb} MiB"
+        f"thread(s), {args.repeats} alternating runs, medians, {args.clock} clock, malloc "
+        f"{'as it comes' if args.default_malloc else 'keeping freed memory'}"
     )
     print(f"{'loop':<10}{'median step (ms)':>18}{'total (s)':>12}")
     for name in sides:

@@ -179,10 +179,11 @@ class AtomsDataModule:
         return self._loader("test", False, self.val_batch_size) if self.datasets["test"].graphs else None
 
     def force_std(self, split: str = "test") -> float:
-        """Standard deviation of the force components of a split, eV/Å."""
+        """Standard deviation of the force components of a split, eV/Å (population std, in float64: the same
+        figure as :func:`mlff_distiller.evaluation.evaluate_structures`' ``force_std``)."""
         graphs: list[dict[str, Any]] = self.datasets[split].graphs
-        forces = torch.cat([g["forces"].reshape(-1) for g in graphs])
-        return float(forces.std())
+        forces = torch.cat([g["forces"].reshape(-1) for g in graphs]).double()
+        return float(forces.std(correction=0))
 
 
 class _Shard(Sampler[int]):

@@ -589,7 +589,8 @@ def observables_report(
 
     - ``bulk_modulus_{teacher,student}_GPa``, ``bulk_modulus_rel_error``, ``v0_{teacher,student}_A3_per_atom``,
       ``v0_rel_error`` (relative errors are ``|student - teacher| / teacher``), ``eos_extrapolated`` (1.0 when
-      a V0 lies outside the sampled volumes);
+      a V0 lies outside the sampled volumes), ``reference_volume_offset`` (only when the reference cell was more
+      than half the strain range off the teacher's V0: the volumes were then sampled again around that V0);
     - ``frequency_mae_cm1`` (mean over modes of |Δω|, modes sorted; rigid-body modes removed),
       ``frequency_mean_teacher_cm1`` (mean |ω_teacher|), ``frequency_mae_rel`` (their ratio),
       ``frequency_max_error_cm1``, ``frequency_num_modes``, ``imaginary_modes_{teacher,student}``;
@@ -633,6 +634,19 @@ def observables_report(
     if "eos" in chosen:
         started = time.perf_counter()
         eos_teacher = equation_of_state(teacher_calc, relaxed, eos_points, eos_max_volume_strain)
+        if not eos_teacher.v0_in_range or abs(eos_teacher.v0 / relaxed.get_volume() - 1) > eos_max_volume_strain / 2:
+            # The reference is far from the teacher's equilibrium volume (e.g. seeds built with another model's
+            # lattice constant): sample again around the teacher's V0, so its fit interpolates.
+            log.warning(
+                "The reference cell is %.1f %% off the teacher's equilibrium volume; the EOS is sampled around "
+                "the teacher's V0 (a student trained at the reference's density is tested outside its data).",
+                100 * (eos_teacher.v0 / relaxed.get_volume() - 1),
+            )
+            metrics["reference_volume_offset"] = eos_teacher.v0 / relaxed.get_volume() - 1
+            relaxed = _bare(relaxed)
+            relaxed.set_cell(relaxed.cell.array * (eos_teacher.v0 / relaxed.get_volume()) ** (1 / 3), scale_atoms=True)
+            relaxed, _ = relax_positions(teacher_calc, relaxed, relax_fmax, relax_steps)
+            eos_teacher = equation_of_state(teacher_calc, relaxed, eos_points, eos_max_volume_strain)
         eos_student = equation_of_state(student_calc, relaxed, eos_points, eos_max_volume_strain)
         metrics.update(compare_eos(eos_student, eos_teacher))
         if metrics["eos_extrapolated"]:

@@ -78,13 +78,15 @@ class ReportConfig:
     observables: dict[str, Any] | None = None
     """Keyword options of :func:`mlff_distiller.distill.observables.observables_report`; null: no observables."""
     bounds: dict[str, float] = field(default_factory=lambda: {"fresh/force_mae_rel": 0.05})
-    """Metric name -> largest accepted value, part of the verdict (a bound on a metric not measured fails)."""
+    """Metric name -> largest accepted value, part of the verdict (a bound on a metric not measured fails; a
+    null value removes the bound)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.gate, Mapping):
             self.gate = GateConfig(**dict(self.gate))
         self.observables = dict(self.observables) if self.observables is not None else None
-        self.bounds = {str(k): float(v) for k, v in dict(self.bounds).items()}
+        # A null bound removes one set elsewhere (a recipe that does not measure that metric).
+        self.bounds = {str(k): float(v) for k, v in dict(self.bounds).items() if v is not None}
         if self.fresh_frames < 0 or self.fresh_interval < 1 or self.fresh_equilibration_steps < 0:
             raise ValueError(
                 f"distill_report: fresh_frames={self.fresh_frames} must be >= 0, fresh_interval={self.fresh_interval} "

@@ -266,7 +266,7 @@ def run_md(
         output.close(recorder)
 
     if reason is not None:  # the caller says it as loud as it matters (mlff-md: exit code 4; the gate: a reason)
-        log.info("MD became unstable: %s.", reason)
+        log.debug("MD became unstable: %s.", reason)
     time_ps = step * settings.timestep_fs * 1e-3
     done = step - start_step
     return MDSummary(

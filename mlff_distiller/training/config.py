@@ -38,7 +38,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_every_n_steps",
         "handle_signals",
         "device",
-        "host_memory_keep_mb",
+        "keep_freed_memory",
         "extra",
     }
 )
@@ -139,10 +139,10 @@ class TrainingConfig:
     """Seed for torch/python/numpy RNGs at the start of a fresh run (None: do not seed)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; the Trainer's ``device`` argument wins."""
-    host_memory_keep_mb: int = 1024
-    """Freed host memory (MiB) that glibc's malloc may keep in the process from ``fit()`` on, instead of returning
-    it to the kernel and faulting it in again every step (5-15 % of a CPU step; see ``training/host_memory.py``).
-    Process-wide; 0 leaves the allocator alone, as do non-glibc platforms and ``MALLOC_*`` environment settings."""
+    keep_freed_memory: bool = True
+    """From ``fit()`` on, glibc's malloc keeps freed host memory in the process instead of returning it to the
+    kernel and faulting it in again every step (5-15 % of a CPU step; :func:`mlff_distiller.memory.keep_freed_memory`).
+    Process-wide; false leaves the allocator alone, as do non-glibc platforms and ``MALLOC_*`` settings."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Free-form values carried into the checkpoint (e.g. the CLI's run metadata)."""
 
@@ -164,7 +164,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
-        for name in ("warmup_steps", "plateau_patience", "keep_last", "host_memory_keep_mb"):
+        for name in ("warmup_steps", "plateau_patience", "keep_last"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "an integer >= 0")

@@ -40,7 +40,6 @@ from .checkpoint import (
 )
 from .config import RESUMABLE_CHANGES, ConfigError, TrainingConfig
 from .ema import ExponentialMovingAverage
-from .host_memory import keep_freed_host_memory
 from .loggers import ConsoleLogger, Logger
 from .metrics import MetricSums, detached, loss_terms
 from .monitor import Monitor, monitored_metric
@@ -177,7 +176,10 @@ class Trainer:
                 directory.prepare(self._continues_a_run() or self.config.overwrite_checkpoints, self.resumed_from)
             if not self._continues_a_run() and self.config.seed is not None:
                 seed_everything(self.config.seed, self.train_loader)
-            keep_freed_host_memory(self.config.host_memory_keep_mb)
+            if self.config.keep_freed_memory:
+                from ..memory import keep_freed_memory
+
+                keep_freed_memory()
             for logger in self.loggers:
                 logger.log_config(self.config.to_dict())
             self._fit_started = monotonic() - self.elapsed_s  # the budget counts resumed runs' time too
