@@ -59,7 +59,11 @@ def round0_cost(experiment: str, overrides: list[str]) -> tuple[object, int, int
     sampling = instantiate(cfg.data.source)
     md_snapshots = len(sampling.temperatures) * sampling.runs_per_temperature * sampling.snapshots_per_run
     fixed = len(sampling.seeds()) + md_snapshots
-    cost = (fixed + sampling.num_rattle) * sampling.teacher_calls_per_structure() + sampling.md_teacher_calls()
+    cost = (
+        (fixed + sampling.num_rattle) * sampling.teacher_calls_per_structure()
+        + sampling.md_teacher_calls()
+        + sampling.seed_teacher_calls()
+    )
     return cfg, cost, fixed
 
 

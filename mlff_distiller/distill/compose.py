@@ -150,7 +150,16 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     sampled = read_labelled_structures(loop.round0) if loop is not None else structures
     bound = config.gate.min_distance_fraction * min(min_distance(atoms) for atoms in sampled)
     report = distillation_report(
-        student, teacher, test, output_dir, sampling.seeds(), targets, config, loop, bound, seed=int(cfg.seed or 0)
+        student,
+        teacher,
+        test,
+        output_dir,
+        sampling.teacher_seeds(teacher),  # the cells round 0 sampled (cached volumes: no new teacher calls)
+        targets,
+        config,
+        loop,
+        bound,
+        seed=int(cfg.seed or 0),
     )
     report["time/final_training_s"] = round(sum(trainer.history.get("epoch_time_s", [])), 2)
     report["time/report_s"] = round(time.perf_counter() - started, 2)

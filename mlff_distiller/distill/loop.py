@@ -332,11 +332,12 @@ class ActiveLoop:
         s = self.sampling
         seeds = len(s.seeds())
         most = seeds + s.num_rattle + len(s.temperatures) * s.runs_per_temperature * s.snapshots_per_run
-        calls = most * s.teacher_calls_per_structure() + s.md_teacher_calls()
+        calls = most * s.teacher_calls_per_structure() + s.md_teacher_calls() + s.seed_teacher_calls()
         if calls > budget:
             raise ValueError(
                 f"distill.teacher_budget={budget} is below what round 0 may cost: up to {most} structures x "
-                f"{s.teacher_calls_per_structure()} calls + {s.md_teacher_calls()} calls of teacher-driven MD = "
+                f"{s.teacher_calls_per_structure()} calls + {s.md_teacher_calls()} calls of teacher-driven MD + "
+                f"{s.seed_teacher_calls()} calls placing the seeds at the teacher's volume = "
                 f"{calls} teacher calls. Raise the budget or sample less in round 0 (data.source.num_rattle, "
                 "snapshots_per_run, temperatures, hessian_rows, or md_driver: emt)."
             )
@@ -383,7 +384,11 @@ class ActiveLoop:
         round0 = Path(self.sampling())
         seconds_round0 = time.perf_counter() - started
         round0_structures = read_labelled(round0)
-        calls0 = total_teacher_calls(round0_structures) + self.sampling.md_teacher_calls()
+        calls0 = (
+            total_teacher_calls(round0_structures)
+            + self.sampling.md_teacher_calls()
+            + self.sampling.seed_teacher_calls()
+        )
         budget = self.config.teacher_budget
         if budget is not None and calls0 > budget:
             raise ValueError(f"Round 0 cost {calls0} teacher calls, more than distill.teacher_budget={budget}.")

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..teachers.structures import system_kind
+
 if TYPE_CHECKING:
     from ase import Atoms
 
@@ -63,29 +65,6 @@ def _max_force(calculator: Any, atoms: Atoms) -> float:
     atoms = _bare(atoms)
     atoms.calc = calculator
     return float(np.linalg.norm(atoms.get_forces(), axis=1).max())
-
-
-def system_kind(atoms: Atoms) -> str:
-    """``"molecule"`` (not periodic), ``"liquid"`` (a periodic box of separate molecules: bonded clusters,
-    some of two or more atoms; liquid or molecular solid) or ``"crystal"`` (any other periodic cell).
-
-    Bonds are ASE's natural cutoffs (covalent radii) x 1.2, so O-H (0.97 Å) is a bond and a hydrogen bond
-    (1.8 Å) is not, while metals, ionic and covalent solids form one network (or, alkali and noble-gas
-    solids, only single atoms): both are crystals.
-    """
-    from ase.neighborlist import build_neighbor_list, natural_cutoffs
-    from scipy.sparse.csgraph import connected_components
-
-    if not atoms.pbc.any():
-        return "molecule"
-    if not atoms.pbc.all():
-        raise ValueError(
-            f"Observables need a fully periodic or a non-periodic structure; this one has pbc={atoms.pbc}."
-        )
-    neighbors = build_neighbor_list(atoms, natural_cutoffs(atoms, mult=1.2), self_interaction=False, bothways=True)
-    count, labels = connected_components(neighbors.get_connectivity_matrix(sparse=True), directed=False)
-    sizes = np.bincount(labels)
-    return "liquid" if count > 1 and sizes.max() > 1 else "crystal"
 
 
 def relax_positions(calculator: Any, atoms: Atoms, fmax: float = 0.01, steps: int = 200) -> tuple[Atoms, float]:

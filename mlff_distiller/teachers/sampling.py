@@ -353,6 +353,11 @@ class SamplingConfig:
     """Keyword arguments of the MD driver."""
     dedup_tolerance: float = 0.01
     """Å / degrees; structures whose fingerprints are this close count as duplicates (:func:`deduplicate`)."""
+    seed_volume: str = "teacher"
+    """``teacher``: crystal seeds are first scaled to the teacher's equilibrium volume
+    (:func:`~.structures.teacher_volume`, :data:`~.structures.EOS_POINTS` teacher calls per crystal seed), so the
+    student learns the teacher at the teacher's density, not at the lattice constant the seeds were built with;
+    ``given``: seeds as built or read. Liquids and molecules are always kept as given."""
     hessian_rows: int = 0
     """Rows of the teacher's energy Hessian per structure (by finite differences: 2 extra teacher calls each; by
     autograd: one backward pass each, counted as one call)."""
@@ -400,6 +405,8 @@ class SamplingConfig:
             raise bad("label_workers", "it must be an integer >= 1")
         if self.hessian_method not in ("fd", "autograd", "auto"):
             raise bad("hessian_method", "accepted: 'fd', 'autograd', 'auto'")
+        if self.seed_volume not in ("teacher", "given"):
+            raise bad("seed_volume", "accepted: 'teacher', 'given'")
         for name in ("rattle_std", "dedup_tolerance", "friction_per_fs"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "it must be a finite number >= 0")
@@ -446,6 +453,8 @@ class SamplingConfig:
                 "dedup_tolerance",
             )
         }
+        if self.seed_volume != "given":  # sets built from seeds as given keep their cache key
+            sampling["seed_volume"] = self.seed_volume
         return canonical(
             {
                 "dataset": "distill",
@@ -483,6 +492,64 @@ class SamplingConfig:
         """The seed structures (:func:`seed_structures` with ``system_options``)."""
         self.check_system()
         return seed_structures(self.system, self.seeds_path, seed=self.seed, **self.system_options)
+
+    def crystal_seeds(self) -> list[int]:
+        """Indices of the seeds that :attr:`seed_volume` ``teacher`` scales (periodic crystals; none when
+        ``given``)."""
+        from .structures import system_kind
+
+        if self.seed_volume == "given":
+            return []
+        return [i for i, atoms in enumerate(self.seeds()) if atoms.pbc.all() and system_kind(atoms) == "crystal"]
+
+    def seed_teacher_calls(self) -> int:
+        """Teacher calls spent placing the crystal seeds at the teacher's volume (0 with ``seed_volume=given``)."""
+        from .structures import EOS_POINTS
+
+        return EOS_POINTS * len(self.crystal_seeds())
+
+    def teacher_seeds(self, teacher: Any) -> list[Atoms]:
+        """The seeds the sampling starts from: :meth:`seeds`, each crystal scaled to ``teacher``'s equilibrium
+        volume (``seed_volume=teacher``). The volumes are cached beside the labelled sets (keyed by the seeds and
+        the teacher), so the report's references and a resumed build get the same cells without new calls."""
+        import json
+
+        from .cache import write_text_atomic
+        from .structures import teacher_volume
+
+        seeds = self.seeds()
+        crystals = self.crystal_seeds()
+        if not crystals:
+            return seeds
+        key = canonical(
+            {
+                "system": self.system,
+                "seeds_sha256": sha256_file(Path(self.seeds_path)) if self.seeds_path is not None else None,
+                "system_options": self.system_options,
+                "seed": int(self.seed),
+                "teacher": str(self.teacher),
+                "teacher_kwargs": self.teacher_kwargs,
+            }
+        )
+        _, path = cache_files(self.cache_dir, f"seedvolumes_{self.name()}_{file_tag(self.teacher)}", key)
+        volumes = json.loads(path.read_text())["volumes"] if path.exists() else None
+        if volumes is None or len(volumes) != len(crystals):
+            volumes = []
+            for index in crystals:
+                try:
+                    volumes.append(teacher_volume(seeds[index], teacher)[0])
+                except ValueError as error:
+                    raise ValueError(f"Seed {index} of {self.system or self.seeds_path}: {error}") from None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps({"key": key, "seeds": crystals, "volumes": volumes}, indent=2) + "\n")
+        for index, volume in zip(crystals, volumes):
+            atoms = seeds[index]
+            before = atoms.get_volume()
+            atoms.set_cell(atoms.cell.array * (volume / before) ** (1.0 / 3.0), scale_atoms=True)
+            atoms.info["seed_volume_scale"] = volume / before
+        scales = ", ".join(f"{seeds[i].info['seed_volume_scale']:.3f}" for i in crystals)
+        log.info("Crystal seeds scaled to the teacher's equilibrium volume (volume x %s).", scales)
+        return seeds
 
     def name(self) -> str:
         """A file-name tag of the system (the built-in name or the seed file's stem)."""
@@ -580,7 +647,7 @@ def build_distillation_dataset(config: SamplingConfig) -> Path:
                 if config.md_driver is None
                 else make_driver(config.md_driver, **config.md_driver_kwargs)
             )
-            structures = sample_structures(config.seeds(), driver, config)
+            structures = sample_structures(config.teacher_seeds(teacher_calculator), driver, config)
             temporary = directory / f"{stem}.sampled.extxyz.tmp"
             ase.io.write(temporary, structures, format="extxyz")
             os.replace(temporary, sampled_path)

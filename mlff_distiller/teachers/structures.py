@@ -22,6 +22,37 @@ LATTICE_CONSTANTS = {"Cu": 3.61, "Au": 4.08, "Ag": 4.09, "Ni": 3.52, "Pd": 3.89,
 """Experimental fcc lattice constants, Å (elements EMT knows)."""
 
 
+EOS_POINTS = 9
+"""Volumes of the teacher's equation of state that places crystal seeds at its equilibrium (:func:`teacher_volume`)."""
+EOS_VOLUME_RANGE = 0.1
+"""... spread over V (1 ± this) around the seed's volume: a lattice constant up to ~3 % off is bracketed."""
+
+
+def teacher_volume(atoms: Atoms, calculator: Any) -> tuple[float, int]:
+    """(the volume at the minimum of ``calculator``'s energy, teacher calls spent) for a periodic ``atoms``
+    scaled isotropically with fractional coordinates fixed (``ase.eos``, Birch-Murnaghan, :data:`EOS_POINTS`
+    volumes over ±:data:`EOS_VOLUME_RANGE`). Raises ``ValueError`` naming the volumes when the minimum lies
+    outside them (the seed is too far from the teacher's density to place it there by this fit)."""
+    from ase.eos import EquationOfState
+
+    volume = atoms.get_volume()
+    volumes = volume * (1.0 + np.linspace(-EOS_VOLUME_RANGE, EOS_VOLUME_RANGE, EOS_POINTS))
+    energies = []
+    for target in volumes:
+        scaled = fresh_copy(atoms)
+        scaled.set_cell(atoms.cell.array * (target / volume) ** (1.0 / 3.0), scale_atoms=True)
+        scaled.calc = calculator
+        energies.append(float(scaled.get_potential_energy()))
+    v0 = float(EquationOfState(volumes, np.array(energies), eos="birchmurnaghan").fit(warn=False)[0])
+    if not (np.isfinite(v0) and volumes[0] <= v0 <= volumes[-1]):
+        raise ValueError(
+            f"The teacher's energy has no minimum within {volumes[0]:.2f}-{volumes[-1]:.2f} Å³ around the seed's "
+            f"{volume:.2f} Å³ (fit: {v0:.2f} Å³); give seeds near the teacher's density "
+            "(data.source.seeds_path) or keep them as given (data.source.seed_volume=given)."
+        )
+    return v0, EOS_POINTS
+
+
 def default_timestep_fs(atoms: Atoms) -> float:
     """MD timestep when none is given: 0.5 fs with hydrogen (fast vibrations), else 2 fs."""
     return 0.5 if 1 in atoms.numbers else 2.0
@@ -154,3 +185,26 @@ def langevin_snapshots(
         dynamics.run(interval)
         snapshots.append(atoms.copy())
     return snapshots
+
+
+def system_kind(atoms: Atoms) -> str:
+    """``"molecule"`` (not periodic), ``"liquid"`` (a periodic box of separate molecules: bonded clusters,
+    some of two or more atoms; liquid or molecular solid) or ``"crystal"`` (any other periodic cell).
+
+    Bonds are ASE's natural cutoffs (covalent radii) x 1.2, so O-H (0.97 Å) is a bond and a hydrogen bond
+    (1.8 Å) is not, while metals, ionic and covalent solids form one network (or, alkali and noble-gas
+    solids, only single atoms): both are crystals.
+    """
+    from ase.neighborlist import build_neighbor_list, natural_cutoffs
+    from scipy.sparse.csgraph import connected_components
+
+    if not atoms.pbc.any():
+        return "molecule"
+    if not atoms.pbc.all():
+        raise ValueError(
+            f"Observables need a fully periodic or a non-periodic structure; this one has pbc={atoms.pbc}."
+        )
+    neighbors = build_neighbor_list(atoms, natural_cutoffs(atoms, mult=1.2), self_interaction=False, bothways=True)
+    count, labels = connected_components(neighbors.get_connectivity_matrix(sparse=True), directed=False)
+    sizes = np.bincount(labels)
+    return "liquid" if count > 1 and sizes.max() > 1 else "crystal"

@@ -126,8 +126,9 @@ def _counting_teachers(monkeypatch, counting_emt, fail_after=None):
 
 def test_distillation_set_is_cached_labelled_with_rows_and_resumable(tmp_path, monkeypatch, counting_emt):
     def small(cache: str, **changes) -> SamplingConfig:
+        # Seeds as given: the teacher's calls here are the labels' alone (seed placement: the test below).
         options = {"system": "Cu", "cache_dir": str(tmp_path / cache), "md_driver": "emt", "progress": False}
-        return SamplingConfig(**{**options, **SMALL, **changes})
+        return SamplingConfig(**{**options, **SMALL, "seed_volume": "given", **changes})
 
     made = _counting_teachers(monkeypatch, counting_emt, fail_after=20)
     with pytest.raises(RuntimeError, match="simulated interruption"):
@@ -189,7 +190,38 @@ def test_cache_keys_of_existing_sets_are_kept():
         snapshot_interval=5,
         hessian_rows=2,
         hessian_method="fd",
+        seed_volume="given",
     )
     assert cache_key(recipe.cache_config()) == "2b5dbdc002fe"
+    # Seeds placed at the teacher's volume (the default) are other structures, so another set.
+    assert cache_key(recipe.replace(seed_volume="teacher").cache_config()) != "2b5dbdc002fe"
     # Rows by autograd (the default for CHGNet: hessian_method=auto) are other labels, so another set.
     assert cache_key(recipe.replace(hessian_method="auto").cache_config()) != "2b5dbdc002fe"
+
+
+def test_crystal_seeds_sit_at_the_teachers_equilibrium_volume(tmp_path, counting_emt):
+    """EMT copper's lattice constant is not the experimental 3.61 Å the seeds are built with: after placement
+    the seed's energy is at its minimum against isotropic strain, found by an independent scan; the volumes
+    are cached, so a second call costs no teacher call; a water box (a liquid) is kept as given."""
+    config = SamplingConfig(system="Cu", cache_dir=str(tmp_path), progress=False)
+    (given,) = config.seeds()
+    teacher = counting_emt()
+    (placed,) = config.teacher_seeds(teacher)
+    assert teacher.calls == config.seed_teacher_calls() == 9
+    scale = (placed.get_volume() / given.get_volume()) ** (1 / 3)
+    assert abs(scale - 1) > 0.003  # EMT's Cu is not at 3.61 Å
+    lattice = 3.61 * scale
+
+    def energy(a: float) -> float:
+        atoms = given.copy()
+        atoms.set_cell(given.cell.array * a / 3.61, scale_atoms=True)
+        atoms.calc = EMT()
+        return atoms.get_potential_energy()
+
+    scan = np.linspace(lattice - 0.02, lattice + 0.02, 41)
+    assert abs(scan[int(np.argmin([energy(a) for a in scan]))] - lattice) <= 0.0015
+    again = counting_emt()
+    assert np.allclose(config.teacher_seeds(again)[0].cell.array, placed.cell.array) and again.calls == 0
+    water = SamplingConfig(system="water", cache_dir=str(tmp_path), progress=False)
+    assert water.seed_teacher_calls() == 0
+    assert all(np.allclose(a.cell.array, b.cell.array) for a, b in zip(water.teacher_seeds(None), water.seeds()))
