@@ -453,7 +453,7 @@ class SamplingConfig:
                 "dedup_tolerance",
             )
         }
-        if self.seed_volume != "given":  # sets built from seeds as given keep their cache key
+        if self.crystal_seeds():  # sets whose seeds are kept as given (liquids, molecules) keep their cache key
             sampling["seed_volume"] = self.seed_volume
         return canonical(
             {
