@@ -493,14 +493,15 @@ class SamplingConfig:
         self.check_system()
         return seed_structures(self.system, self.seeds_path, seed=self.seed, **self.system_options)
 
-    def crystal_seeds(self) -> list[int]:
+    def crystal_seeds(self, seeds: Sequence[Atoms] | None = None) -> list[int]:
         """Indices of the seeds that :attr:`seed_volume` ``teacher`` scales (periodic crystals; none when
-        ``given``)."""
+        ``given``); ``seeds``: :meth:`seeds` already built (else they are built here)."""
         from .structures import system_kind
 
         if self.seed_volume == "given":
             return []
-        return [i for i, atoms in enumerate(self.seeds()) if atoms.pbc.all() and system_kind(atoms) == "crystal"]
+        seeds = self.seeds() if seeds is None else seeds
+        return [i for i, atoms in enumerate(seeds) if atoms.pbc.all() and system_kind(atoms) == "crystal"]
 
     def seed_teacher_calls(self) -> int:
         """Teacher calls spent placing the crystal seeds at the teacher's volume (0 with ``seed_volume=given``)."""
@@ -518,7 +519,7 @@ class SamplingConfig:
         from .structures import teacher_volume
 
         seeds = self.seeds()
-        crystals = self.crystal_seeds()
+        crystals = self.crystal_seeds(seeds)
         if not crystals:
             return seeds
         key = canonical(
