@@ -169,9 +169,11 @@ def edge_vectors(
     cell = batch[keys.CELL] if cell is None else cell
     edge_index = batch[keys.EDGE_INDEX]
     i, j = edge_index[0], edge_index[1]
-    cell_of_edge = cell[batch[keys.BATCH][i]]
+    # index_select rather than positions[j]: its backward is index_add_, where advanced indexing's
+    # index_put_(accumulate=True) took ~12 % of a SchNet training step on the CPU.
+    cell_of_edge = torch.index_select(cell, 0, torch.index_select(batch[keys.BATCH], 0, i))
     shifts = torch.einsum("ek,ekl->el", batch[keys.CELL_SHIFTS].to(positions.dtype), cell_of_edge.to(positions.dtype))
-    return positions[j] - positions[i] + shifts
+    return torch.index_select(positions, 0, j) - torch.index_select(positions, 0, i) + shifts
 
 
 def as_plain_dict(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from ..teachers.cache import announce, cache_key, canonical, default_cache_dir, 
 from ..teachers.cache import write_structures_atomic as write_structures
 from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance, random_strain, supercell
 from ..training.callbacks import Callback
+from ..training.config import check_known_fields
 from .budget import total_teacher_calls
 
 if TYPE_CHECKING:
@@ -210,14 +211,8 @@ class ActiveLoopConfig:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> ActiveLoopConfig:
         """Build from a mapping (e.g. the recipe's ``distill`` node), naming unknown keys and the accepted ones."""
-        for name, known, given in (
-            ("distill", cls, options),
-            ("distill.explore", ExploreConfig, options.get("explore") or {}),
-        ):
-            names = {f.name for f in dataclasses.fields(known)}
-            unknown = sorted(set(given) - names)
-            if unknown:
-                raise ValueError(f"Unknown {name} options {unknown}; accepted: {', '.join(sorted(names))}.")
+        check_known_fields(cls, options, "distill option")
+        check_known_fields(ExploreConfig, options.get("explore") or {}, "distill.explore option")
         return cls(**dict(options))
 
     def key_config(self) -> dict[str, Any]:

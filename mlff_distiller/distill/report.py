@@ -24,7 +24,6 @@ into ``output_dir``. :func:`print_report` shows the metrics as a table.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from torch import nn
 from ..evaluation import evaluate_structures
 from ..plots import parity_plot
 from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance, supercell
+from ..training.config import check_known_fields
 from .budget import total_teacher_calls
 from .gate import GateConfig, advice, stability_gate, verdict
 
@@ -98,10 +98,7 @@ class ReportConfig:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> ReportConfig:
         """Build from a mapping, naming unknown keys and the accepted ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ValueError(f"Unknown distill_report options {unknown}; accepted: {', '.join(sorted(names))}.")
+        check_known_fields(cls, options, "distill_report option")
         return cls(**dict(options))
 
 

@@ -70,6 +70,7 @@ def generate_alloy_structures(
     equilibration_steps: int = 50,
     snapshot_interval: int = 15,
     shuffle: bool = True,
+    workers: int = 1,
 ) -> list[Atoms]:
     """``num_structures`` periodic fcc alloy cells (32 atoms for the default 2x2x2 cubic supercell).
 
@@ -81,7 +82,9 @@ def generate_alloy_structures(
     cycling through ``temperatures`` (``config_type`` e.g. ``'md_600K'``, plus ``md_run`` and ``md_snapshot``).
     ``info`` also holds ``fraction_<element>`` and ``generator_index`` (position before shuffling).
     Seeded and deterministic; with ``shuffle`` the list is permuted (seeded) so that contiguous splits mix
-    the kinds of structures.
+    the kinds of structures. ``workers > 1`` runs the MD in that many spawned processes, one thread each:
+    every run has its own random stream, so the structures are the same as with one (call it under
+    ``if __name__ == "__main__":`` in a script).
     """
     if num_structures < 0:
         raise ValueError(f"num_structures must be non-negative, got {num_structures}.")
@@ -95,6 +98,8 @@ def generate_alloy_structures(
     temperatures = [float(t) for t in temperatures]
     if md_fraction > 0 and not temperatures:
         raise ValueError("md_fraction > 0 needs at least one temperature.")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
 
     n_md = int(round(md_fraction * num_structures))
     n_rattle = num_structures - n_md
@@ -110,17 +115,16 @@ def generate_alloy_structures(
         fraction = float(np.mean(atoms.symbols == elements[1]))
         structures.append(fresh_copy(atoms, config_type="rattle", **{solute_key: fraction}))
 
-    remaining = n_md
+    runs, remaining = [], n_md
     for run in range(n_runs):
-        rng = np.random.default_rng(streams[n_rattle + run])
-        temperature = temperatures[run % len(temperatures)]
         count = min(snapshots_per_run, remaining)
         remaining -= count
-        atoms = _alloy_cell(rng, elements, fraction_range, supercell, strain_max)
-        fraction = float(np.mean(atoms.symbols == elements[1]))
-        snapshots = langevin_snapshots(
-            atoms, rng, temperature, count, timestep_fs, friction_per_fs, equilibration_steps, snapshot_interval
-        )
+        temperature = temperatures[run % len(temperatures)]
+        md = (temperature, count, timestep_fs, friction_per_fs, equilibration_steps, snapshot_interval)
+        runs.append((streams[n_rattle + run], elements, fraction_range, supercell, strain_max, md))
+    for run, snapshots in enumerate(_map_runs(_md_run, runs, workers)):
+        temperature = runs[run][-1][0]
+        fraction = float(np.mean(snapshots[0].symbols == elements[1])) if snapshots else 0.0
         for i, snapshot in enumerate(snapshots):
             info = {"config_type": f"md_{temperature:g}K", "md_run": run, "md_snapshot": i, solute_key: fraction}
             structures.append(fresh_copy(snapshot, **info))
@@ -133,11 +137,31 @@ def generate_alloy_structures(
     return structures
 
 
+def _md_run(task: tuple) -> list[Atoms]:
+    """The snapshots of one MD run of :func:`generate_alloy_structures` (a pool task: plain arguments)."""
+    stream, elements, fraction_range, supercell, strain_max, md = task
+    rng = np.random.default_rng(stream)
+    atoms = _alloy_cell(rng, elements, fraction_range, supercell, strain_max)
+    return langevin_snapshots(atoms, rng, *md)
+
+
+def _map_runs(function: Any, tasks: list, workers: int) -> list:
+    """``[function(t) for t in tasks]``, in ``workers`` spawned one-thread processes when that is > 1."""
+    if workers == 1 or len(tasks) < 2:
+        return [function(task) for task in tasks]
+    import multiprocessing
+
+    from .labelling import single_threaded_children
+
+    with single_threaded_children(), multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        return pool.map(function, tasks, chunksize=1)
+
+
 def _dataset_config(num_structures: int, seed: int, teacher: str, teacher_kwargs: dict, generator_kwargs: dict) -> dict:
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(generate_alloy_structures).parameters.items()
-        if parameter.default is not inspect.Parameter.empty and name != "seed"
+        if parameter.default is not inspect.Parameter.empty and name not in ("seed", "workers")
     }
     unknown = set(generator_kwargs) - set(defaults)
     if unknown:
@@ -167,6 +191,7 @@ def build_default_dataset(
     progress: bool = True,
     site_energies: bool = False,
     label_workers: int = 1,
+    workers: int = 1,
     **generator_kwargs: Any,
 ) -> Path:
     """Generate the Cu-Au alloy set, label it with ``teacher`` once, and return the cached extended-XYZ file.
@@ -177,13 +202,16 @@ def build_default_dataset(
     without calling the teacher. Labelling goes to ``<stem>.partial.extxyz`` and resumes from it after an
     interruption; only a complete set is renamed (atomically) to the final name, and a file lock keeps
     concurrent builders of the same set from interleaving. ``site_energies`` also labels the teacher's
-    per-atom energies (part of the cache key); ``label_workers`` labels in that many processes (the same
-    file; not part of the key). The sidecar records the teacher's cost (``teacher_cost``: calls and CPU
-    seconds, in total and per structure; see :func:`~.labelling.labelling_cost`).
+    per-atom energies (part of the cache key); ``workers`` runs the generator's MD and ``label_workers`` the
+    labelling in that many processes (the same file; neither is part of the key). The sidecar records the
+    teacher's cost (``teacher_cost``: calls and CPU seconds, in total and per structure; see
+    :func:`~.labelling.labelling_cost`).
     """
     from .calculators import CalculatorSpec, check_site_energies, make_calculator
     from .labelling import cost_path, label_structures, labelling_cost
 
+    if workers < 1:  # before anything is built or locked
+        raise ValueError(f"workers must be >= 1, got {workers}.")
     teacher_kwargs = dict(teacher_kwargs or {})
     if site_energies:
         check_site_energies(CalculatorSpec(teacher, teacher_kwargs))  # before generating anything
@@ -198,7 +226,7 @@ def build_default_dataset(
             return path
         started = time.perf_counter()
         announce(f"Building dataset ({num_structures} structures, teacher {teacher!r}) -> {path}", progress)
-        structures = generate_alloy_structures(num_structures, seed, **config["generator"])
+        structures = generate_alloy_structures(num_structures, seed, **config["generator"], workers=workers)
         generated = time.perf_counter()
         partial = directory / f"{stem}.partial.extxyz"
         calculator = (

@@ -476,7 +476,7 @@ def _finished_part(
 
 
 @contextlib.contextmanager
-def _single_threaded_children() -> Iterator[None]:
+def single_threaded_children() -> Iterator[None]:
     """Processes started inside see one-thread settings for OpenMP/BLAS (read when numpy or torch load)."""
     names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     saved = {name: os.environ.get(name) for name in names}
@@ -522,7 +522,7 @@ def _label_range_parallel(
     with contextlib.ExitStack() as stack:
         results: Iterator[tuple[int, int]] = iter(())
         if tasks:
-            with _single_threaded_children():
+            with single_threaded_children():
                 pool = stack.enter_context(
                     context.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(spec, options))
                 )

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..training.config import check_known_fields
 from .cache import announce, build_once, cache_files, canonical, commit_dataset, file_tag, sha256_file
 from .hessian import DEFAULT_DELTA
 from .structures import (
@@ -422,10 +423,7 @@ class SamplingConfig:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> SamplingConfig:
         """Build from a mapping, naming unknown keys and the accepted ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ValueError(f"Unknown sampling options {unknown}; accepted: {', '.join(sorted(names))}.")
+        check_known_fields(cls, options, "sampling option")
         return cls(**dict(options))
 
     def replace(self, **changes: Any) -> SamplingConfig:

@@ -269,11 +269,19 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
         """Build from a mapping, rejecting unknown keys with the list of accepted ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"Unknown TrainingConfig field(s) {unknown}; accepted fields are {sorted(names)}.")
+        check_known_fields(cls, values, "TrainingConfig field", ConfigError)
         return cls(**values)
+
+
+def check_known_fields(
+    schema: type, options: Mapping[str, Any], what: str, error: type[Exception] = ValueError
+) -> None:
+    """Raise ``error`` naming every key of ``options`` that is not a field of the dataclass ``schema``, and the
+    accepted ones (``what``: how the message calls a key, e.g. ``"distill option"``)."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise error(f"Unknown {what}s {unknown}; accepted: {sorted(names)}.")
 
 
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

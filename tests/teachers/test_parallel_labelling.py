@@ -142,3 +142,22 @@ def test_the_dataset_builder_labels_in_workers_and_records_the_teacher_cost(tmp_
     assert cost["structures"] == 6 and cost["teacher_calls"] == 6 and cost["calls_per_structure"] == [1] * 6
     assert len(cost["cpu_seconds_per_structure"]) == 6 and cost["teacher_cpu_seconds"] > 0
     assert sorted(p.suffix for p in parallel.parent.iterdir() if p.suffix != ".lock") == [".extxyz", ".json"]
+
+
+def test_the_generator_runs_its_md_in_workers_into_the_same_file(tmp_path):
+    from mlff_distiller.teachers import build_default_dataset
+
+    options = {
+        "num_structures": 8,
+        "snapshots_per_run": 2,
+        "equilibration_steps": 5,
+        "snapshot_interval": 2,
+        "progress": False,
+    }
+    serial = build_default_dataset(tmp_path / "serial", **options)
+    parallel = build_default_dataset(tmp_path / "parallel", workers=2, **options)
+    assert parallel.name == serial.name and parallel.read_bytes() == serial.read_bytes()  # same key, same file
+    frames = ase.io.read(parallel, index=":")
+    assert sorted(atoms.info["md_run"] for atoms in frames if "md_run" in atoms.info) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        build_default_dataset(tmp_path / "none", workers=0, **options)
