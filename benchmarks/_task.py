@@ -1,6 +1,8 @@
 """The default job's task, built once for the benchmark scripts: the default Cu-Au EMT set (from the
 dataset cache), the default SchNet/PaiNN student with stress, and the default loss (weights 10/30/1).
-Mirrors conf/ (data/cuau_alloy, model/*, loss/energy_force, trainer/default); not a benchmark itself."""
+Mirrors conf/ (data/cuau_alloy, model/*, loss/energy_force, trainer/default), except the batch: 32 structures,
+the default job's until 2026-11-30 (now 4), kept so that step times stay comparable with earlier tables; not a
+benchmark itself."""
 
 from __future__ import annotations
 

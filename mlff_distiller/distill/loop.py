@@ -156,9 +156,9 @@ class ActiveLoopConfig:
     """Stop when member 0's force MAE on the round's fresh frames is at most this x the teacher's force std there."""
     fresh_per_round: int = 8
     """Exploration frames at the target temperatures reserved, labelled and never trained on, per round."""
-    epochs: int = 30
+    epochs: int = 20
     """Training epochs of the first round's committee (from scratch)."""
-    warm_epochs: int = 10
+    warm_epochs: int = 8
     """Training epochs of later committees (warm-started from the previous round's)."""
     dedup_tolerance: float = 0.01
     """Å / degrees; a candidate this close to a training structure (fingerprints) is a duplicate."""
@@ -325,8 +325,7 @@ class ActiveLoop:
         if budget is None:
             return
         s = self.sampling
-        seeds = len(s.seeds())
-        most = seeds + s.num_rattle + len(s.temperatures) * s.runs_per_temperature * s.snapshots_per_run
+        most = s.most_structures()
         calls = most * s.teacher_calls_per_structure() + s.md_teacher_calls() + s.seed_teacher_calls()
         if calls > budget:
             raise ValueError(
@@ -334,15 +333,13 @@ class ActiveLoop:
                 f"{s.teacher_calls_per_structure()} calls + {s.md_teacher_calls()} calls of teacher-driven MD + "
                 f"{s.seed_teacher_calls()} calls placing the seeds at the teacher's volume = "
                 f"{calls} teacher calls. Raise the budget or sample less in round 0 (data.source.num_rattle, "
-                "snapshots_per_run, temperatures, hessian_rows, or md_driver: emt)."
+                "volume_scan, snapshots_per_run, temperatures, hessian_rows, or md_driver: emt)."
             )
 
     def most_structures(self) -> int:
         """The most structures the final training set can hold: round 0's largest size plus every round's
         ``per_round`` (before deduplication and the budget make it smaller)."""
-        s = self.sampling
-        round0 = len(s.seeds()) + s.num_rattle + len(s.temperatures) * s.runs_per_temperature * s.snapshots_per_run
-        return round0 + self.config.rounds * self.config.per_round
+        return self.sampling.most_structures() + self.config.rounds * self.config.per_round
 
     def state_directory(self) -> Path:
         """The keyed directory holding the rounds."""

@@ -188,6 +188,22 @@ def rattle_and_strain(
     return out
 
 
+def volume_copies(seeds: Sequence[Atoms], volume_changes: Sequence[float]) -> list[Atoms]:
+    """Each periodic seed scaled isotropically (fractional coordinates fixed) to ``1 + dv`` times its volume for
+    every ``dv`` of ``volume_changes``: the equation of state's points, which random strains of a few per cent
+    rarely reach together (a bulk modulus is the curvature over such a range). Non-periodic seeds give none."""
+    out = []
+    for index, seed in enumerate(seeds):
+        if not seed.pbc.all():
+            continue
+        for change in volume_changes:
+            atoms = seed.copy()
+            atoms.set_cell(seed.cell.array * (1.0 + change) ** (1.0 / 3.0), scale_atoms=True)
+            provenance = f"volume:seed={index}:dv={change:+g}"
+            out.append(fresh_copy(atoms, provenance=provenance, config_type="volume", seed_index=index))
+    return out
+
+
 def md_samples(
     seeds: Sequence[Atoms],
     calculator: Any,
@@ -276,13 +292,14 @@ def deduplicate(structures: Sequence[Atoms], tolerance: float = 0.01) -> list[At
 
 
 def sample_structures(seeds: Sequence[Atoms], md_calculator: Any | None, config: SamplingConfig) -> list[Atoms]:
-    """The seeds, ``config.num_rattle`` rattled + strained copies and MD snapshots (needs ``md_calculator`` when
-    ``config.temperatures`` is not empty), deduplicated; each with its provenance in ``atoms.info``."""
+    """The seeds, their ``config.volume_scan`` copies, ``config.num_rattle`` rattled + strained copies and MD
+    snapshots (needs ``md_calculator`` when ``config.temperatures`` is not empty), deduplicated; each with its
+    provenance in ``atoms.info``."""
     if not seeds:
         raise ValueError("sample_structures needs at least one seed structure.")
     seeds = [fresh_copy(a, **{"config_type": "seed", "seed_index": i, **a.info}) for i, a in enumerate(seeds)]
     rattled = rattle_and_strain(seeds, config.num_rattle, config.rattle_std, config.strain_max, config.seed)
-    structures = list(seeds) + rattled
+    structures = list(seeds) + volume_copies(seeds, config.volume_scan) + rattled
     if config.temperatures and config.snapshots_per_run > 0:
         if md_calculator is None:
             raise ValueError("MD sampling at temperatures needs md_calculator (the teacher, EMT, a student...).")
@@ -333,6 +350,9 @@ class SamplingConfig:
     """Å, Gaussian displacement per component of the rattled copies."""
     strain_max: float = 0.02
     """Largest component of the random symmetric strain of rattled copies (periodic seeds)."""
+    volume_scan: list[float] = field(default_factory=list)
+    """Relative volume changes (e.g. ``[-0.06, -0.03, 0.03, 0.06]``): each periodic seed is also labelled scaled
+    isotropically to each (:func:`volume_copies`), so the student sees the teacher's equation of state."""
     temperatures: list[float] = field(default_factory=lambda: [300.0, 600.0])
     """K; Langevin MD runs at each (empty: no MD)."""
     runs_per_temperature: int = 1
@@ -384,6 +404,7 @@ class SamplingConfig:
             return ValueError(f"SamplingConfig.{name}={value!r} (data.source.{name}) is invalid: {accepted}.")
 
         self.temperatures = [float(t) for t in self.temperatures]
+        self.volume_scan = [float(v) for v in self.volume_scan]
         self.system_options = dict(self.system_options)
         self.teacher_kwargs = dict(self.teacher_kwargs)
         self.md_driver_kwargs = dict(self.md_driver_kwargs)
@@ -419,6 +440,8 @@ class SamplingConfig:
             raise bad("timestep_fs", "it must be in (0, 10] fs, or null for the default")
         if any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
             raise bad("temperatures", "every temperature must be a finite number > 0 (K)")
+        if any(not -0.5 < v < 0.5 or v == 0 for v in self.volume_scan):
+            raise bad("volume_scan", "every relative volume change must be non-zero and in (-0.5, 0.5)")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> SamplingConfig:
@@ -453,6 +476,8 @@ class SamplingConfig:
         }
         if self.crystal_seeds():  # sets whose seeds are kept as given (liquids, molecules) keep their cache key
             sampling["seed_volume"] = self.seed_volume
+        if self.volume_scan:  # sets without one keep their cache key
+            sampling["volume_scan"] = self.volume_scan
         return canonical(
             {
                 "dataset": "distill",
@@ -500,6 +525,14 @@ class SamplingConfig:
             return []
         seeds = self.seeds() if seeds is None else seeds
         return [i for i, atoms in enumerate(seeds) if atoms.pbc.all() and system_kind(atoms) == "crystal"]
+
+    def most_structures(self) -> int:
+        """The most structures the sampling can produce (before deduplication): the seeds, their volume copies,
+        the rattled copies and the MD snapshots."""
+        seeds = self.seeds()
+        periodic = sum(1 for atoms in seeds if atoms.pbc.all())
+        md = len(self.temperatures) * self.runs_per_temperature * self.snapshots_per_run
+        return len(seeds) + periodic * len(self.volume_scan) + self.num_rattle + md
 
     def seed_teacher_calls(self) -> int:
         """Teacher calls spent placing the crystal seeds at the teacher's volume (0 with ``seed_volume=given``)."""

@@ -20,6 +20,7 @@ from mlff_distiller.teachers.sampling import (
     rattle_and_strain,
     sample_structures,
     seed_structures,
+    volume_copies,
 )
 
 SMALL = {
@@ -197,6 +198,23 @@ def test_cache_keys_of_existing_sets_are_kept():
     assert cache_key(recipe.replace(seed_volume="teacher").cache_config()) != "2b5dbdc002fe"
     # Rows by autograd (the default for CHGNet: hessian_method=auto) are other labels, so another set.
     assert cache_key(recipe.replace(hessian_method="auto").cache_config()) != "2b5dbdc002fe"
+    # A volume scan adds structures, so another set; an empty one is the same set.
+    assert cache_key(recipe.replace(volume_scan=[]).cache_config()) == "2b5dbdc002fe"
+    assert cache_key(recipe.replace(volume_scan=[-0.05, 0.05]).cache_config()) != "2b5dbdc002fe"
+
+
+def test_volume_copies_scale_each_crystal_seed_isotropically_and_count_in_round_0():
+    (cu,) = seed_structures("Cu", min_atoms=8)
+    (water,) = seed_structures("H2O")
+    copies = volume_copies([cu, water], [-0.06, 0.03])
+    assert [atoms.get_volume() / cu.get_volume() for atoms in copies] == pytest.approx([0.94, 1.03])
+    np.testing.assert_allclose(copies[0].get_scaled_positions(), cu.get_scaled_positions(), atol=1e-12)
+    np.testing.assert_allclose(copies[0].cell.angles(), cu.cell.angles())
+    assert copies[1].info == {"provenance": "volume:seed=0:dv=+0.03", "config_type": "volume", "seed_index": 0}
+    config = SamplingConfig(system="Cu", system_options={"min_atoms": 8}, num_rattle=5, temperatures=[])
+    assert config.replace(volume_scan=[-0.06, 0.03]).most_structures() == config.most_structures() + 2 == 8
+    with pytest.raises(ValueError, match=r"volume_scan=\[0.0\].*non-zero and in \(-0.5, 0.5\)"):
+        config.replace(volume_scan=[0.0])
 
 
 def test_crystal_seeds_sit_at_the_teachers_equilibrium_volume(tmp_path, counting_emt):
