@@ -122,9 +122,9 @@ def generate_alloy_structures(
         temperature = temperatures[run % len(temperatures)]
         md = (temperature, count, timestep_fs, friction_per_fs, equilibration_steps, snapshot_interval)
         runs.append((streams[n_rattle + run], elements, fraction_range, supercell, strain_max, md))
-    for run, snapshots in enumerate(_map_runs(_md_run, runs, workers)):
-        temperature = runs[run][-1][0]
-        fraction = float(np.mean(snapshots[0].symbols == elements[1])) if snapshots else 0.0
+    for run, snapshots in enumerate(_map_runs(_md_run, runs, workers)):  # every run has >= 1 snapshot
+        temperature = temperatures[run % len(temperatures)]
+        fraction = float(np.mean(snapshots[0].symbols == elements[1]))
         for i, snapshot in enumerate(snapshots):
             info = {"config_type": f"md_{temperature:g}K", "md_run": run, "md_snapshot": i, solute_key: fraction}
             structures.append(fresh_copy(snapshot, **info))
