@@ -27,6 +27,10 @@ as well as its members can learn. A worst atom that disagrees by as much as the 
 marks a structure far from anything learned (atoms overlapping, an MD run gone wrong): labelling it teaches
 the student about unphysical regions, so it is skipped, unless it is one of the last sane frames of an
 exploration run that became unphysical (those are the student's actual failure and are always candidates).
+For a liquid the upper edge can be the student's failure too: a SevenNet water student's 0.5-ps runs
+wandered, with no atoms too close, into frames where the teacher's forces spread 2.5x wider than in round 1;
+216 of 576 candidates scored above the window. ``astray_frames`` keeps the first frames of each run beyond
+the window (where the run left what the students had learned) as candidates whatever their score.
 
 It stops on the fresh-frame target, the teacher-call budget or the round limit. Everything lives in a state
 directory keyed by every setting that changes the result (round 0, this config without ``rounds``, the
@@ -92,8 +96,10 @@ class ExploreConfig:
     """Largest component of the random symmetric strain of ``strained`` cells."""
     runs: int | None = None
     """MD runs per round, cycling through (variant, temperature); null: one per pair."""
-    steps: int = 150
-    """MD steps per run."""
+    steps: int | list[int] = 150
+    """MD steps per run; a list gives round r's length as its (r-1)-th entry, the last one repeated: explore
+    longer as the students improve (DP-GEN's schedule), since a student that survives 0.1 ps can still fail
+    in the stability gate's 20 ps."""
     equilibration_steps: int = 30
     """Steps before the first candidate frame."""
     frame_interval: int = 10
@@ -115,12 +121,20 @@ class ExploreConfig:
             self.temperatures = [float(t) for t in self.temperatures]
             if not self.temperatures or any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
                 raise ValueError(f"distill.explore.temperatures={self.temperatures!r}: give temperatures > 0 K.")
-        for name in ("steps", "frame_interval", "large_atoms"):
+        if not isinstance(self.steps, int):  # a list (or an OmegaConf ListConfig) of per-round lengths
+            self.steps = [int(s) for s in self.steps]
+            if not self.steps:
+                raise ValueError("distill.explore.steps=[] is invalid: give MD steps per run, or one per round.")
+        for name in ("frame_interval", "large_atoms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill.explore.{name}={getattr(self, name)!r} is invalid: it must be >= 1.")
-        if not 0 <= self.equilibration_steps < self.steps:
+        shortest = min(self.steps) if isinstance(self.steps, list) else self.steps
+        if shortest < 1:
+            raise ValueError(f"distill.explore.steps={self.steps!r} is invalid: every length must be >= 1.")
+        if not 0 <= self.equilibration_steps < shortest:
             raise ValueError(
-                f"distill.explore.equilibration_steps={self.equilibration_steps} must be in [0, steps={self.steps})."
+                f"distill.explore.equilibration_steps={self.equilibration_steps} must be in [0, steps) for every "
+                f"round's steps ({self.steps!r})."
             )
         if self.hot_factor < 0 or not 0 <= self.strain_max < 0.5 or self.unstable_frames < 0:
             raise ValueError(
@@ -129,6 +143,12 @@ class ExploreConfig:
             )
         if self.runs is not None and self.runs < 1:
             raise ValueError(f"distill.explore.runs={self.runs} is invalid: it must be >= 1 or null.")
+
+    def steps_in(self, r: int) -> int:
+        """MD steps of each exploration run of round ``r`` (>= 1)."""
+        if isinstance(self.steps, list):
+            return self.steps[min(r, len(self.steps)) - 1]
+        return self.steps
 
 
 @dataclass
@@ -152,6 +172,9 @@ class ActiveLoopConfig:
     """Lower edge of the trust window, x the teacher's force std on round 0: below it the committee agrees."""
     trust_high: float = 1.0
     """Upper edge of the trust window, x the teacher's force std: above it the structure is taken as unphysical."""
+    astray_frames: int = 0
+    """Of each exploration run that scored above the trust window, its first this many frames there are
+    candidates whatever their score: where the student's MD left what it had learned (0: none)."""
     target_force_ratio: float = 0.02
     """Stop when member 0's force MAE on the round's fresh frames is at most this x the teacher's force std there."""
     fresh_per_round: int = 8
@@ -194,6 +217,8 @@ class ActiveLoopConfig:
                 f"distill.trust_low={self.trust_low} and distill.trust_high={self.trust_high} must satisfy "
                 "0 <= trust_low < trust_high (fractions of the teacher's force std)."
             )
+        if self.astray_frames < 0:
+            raise ValueError(f"distill.astray_frames={self.astray_frames} is invalid: it must be >= 0.")
         if self.teacher_budget is not None and self.teacher_budget < 1:
             raise ValueError(f"distill.teacher_budget={self.teacher_budget} is invalid: give calls >= 1 or null.")
         if self.epochs < 1 or self.warm_epochs < 1:
@@ -642,7 +667,7 @@ class ActiveLoop:
                 ensemble="nvt",
                 temperature_K=float(temperature),
                 timestep_fs=explore.timestep_fs if explore.timestep_fs is not None else default_timestep_fs(start),
-                steps=explore.steps,
+                steps=explore.steps_in(r),
                 friction_per_ps=1000.0 * explore.friction_per_fs,
                 thermo_interval=explore.frame_interval,
                 write_interval=explore.frame_interval,
@@ -717,10 +742,14 @@ class ActiveLoop:
                 atoms.info["selection"] = "random"
         else:
             unstable = [i for i, c in enumerate(pool) if c.info.get("unstable")]
+            astray = self._astray(pool, scores, high, set(unstable))
             window = [i for i in np.argsort(-scores, kind="stable").tolist() if low <= scores[i] <= high]
-            order = unstable + [i for i in window if i not in set(unstable)]
+            first = unstable + astray
+            order = first + [i for i in window if i not in set(first)]
             for i in order:
-                pool[i].info["selection"] = "unstable" if i in set(unstable) else "committee"
+                pool[i].info["selection"] = (
+                    "unstable" if i in set(unstable) else "astray" if i in set(astray) else "committee"
+                )
         chosen: list[Atoms] = []
         per_run: dict[str, int] = {}
         reference = _Fingerprints(training, self.config.dedup_tolerance)
@@ -734,6 +763,16 @@ class ActiveLoop:
             per_run[run] = per_run.get(run, 0) + 1
             chosen.append(atoms)
         return chosen, counts
+
+    def _astray(self, pool: list[Atoms], scores: np.ndarray, high: float, taken: set[int]) -> list[int]:
+        """The first ``astray_frames`` frames of each run that scored above the window, in the runs' order."""
+        if not self.config.astray_frames:
+            return []
+        onsets: dict[str, list[int]] = {}
+        for i in sorted(range(len(pool)), key=lambda i: int(pool[i].info["md_snapshot"])):
+            if scores[i] > high and i not in taken:
+                onsets.setdefault(str(pool[i].info["md_run"]), []).append(i)
+        return [i for run in onsets.values() for i in run[: self.config.astray_frames]]
 
 
 class _Fingerprints:

@@ -79,7 +79,7 @@ def loop_config(state: Path, budget: int) -> ActiveLoopConfig:
         explore=ExploreConfig(
             variants=["plain", "large"],
             large_atoms=16,
-            steps=20,
+            steps=[20, 30],  # round 1 explores 20 steps, round 2 (and any later) 30
             equilibration_steps=5,
             frame_interval=5,
             hot_factor=1.5,
@@ -130,6 +130,13 @@ def test_budget_and_provenance(uninterrupted):
         assert not {a.info["provenance"] for a in fresh} & {a.info.get("provenance") for a in final}
         summary = result.rounds[r - 1]
         assert 0 < summary["fresh"]["force_mae"] and summary["fresh"]["force_mae_rel"] > 0
+    # Each round's runs were as long as the schedule says (a frame every 5 steps after the 5 of equilibration).
+    for r, steps in ((1, 20), (2, 30)):
+        candidates = ase.io.read(result.state_dir / f"round_{r:03d}" / "candidates.extxyz", ":")
+        by_run: dict[str, list[int]] = {}
+        for atoms in candidates:
+            by_run.setdefault(atoms.info["md_run"], []).append(int(atoms.info["md_snapshot"]))
+        assert by_run and all(sorted(s) == list(range(10, steps + 1, 5)) for s in by_run.values()), (r, by_run)
     metrics = result.metrics()
     assert metrics["teacher_calls/train"] == result.teacher_calls_train and metrics["loop/rounds"] == 2
 
@@ -178,3 +185,48 @@ def test_killed_round_continues_to_the_uninterrupted_result(uninterrupted):
     idle = CountingEMT()
     again = run_loop(tmp, "b", idle)
     assert idle.calls == 0 and again.dataset == resumed.dataset and again.rounds == resumed.rounds
+
+
+@pytest.mark.parametrize(
+    "steps,message",
+    [([], r"steps=\[\] is invalid"), ([20, 0], r"steps=\[20, 0\] is invalid"), ([20, 4], r"equilibration_steps=5")],
+)
+def test_a_bad_exploration_schedule_names_the_key(steps, message):
+    with pytest.raises(ValueError, match=message):
+        ExploreConfig(steps=steps, equilibration_steps=5)
+    assert [ExploreConfig(steps=[20, 30], equilibration_steps=5).steps_in(r) for r in (1, 2, 3)] == [20, 30, 30]
+
+
+def test_astray_frames_are_the_first_of_each_run_beyond_the_window():
+    from ase import Atoms
+
+    loop = object.__new__(ActiveLoop)  # only the selection is exercised: its config and force scale
+    loop.force_scale = 1.0
+
+    def pool() -> list[Atoms]:
+        frames = []
+        # Run a leaves the window [0.1, 1] at step 20, run b only at step 30, run c never does.
+        runs = {"a": [0.5, 2.0, 3.0, 9.0], "b": [0.2, 0.3, 5.0, 0.4], "c": [0.6, 0.7, 0.8, 0.9]}
+        for n, (run, scores) in enumerate(runs.items()):
+            for k, score in enumerate(scores):
+                atoms = Atoms("Cu2", positions=[[0, 0, 0], [2.0 + 0.5 * n + 0.1 * k, 0, 0]])  # no duplicates
+                atoms.info.update(md_run=run, md_snapshot=10 * (k + 1), score=score)
+                frames.append(atoms)
+        return frames
+
+    def select(astray: int) -> list[tuple[str, int, str]]:
+        loop.config = ActiveLoopConfig(trust_low=0.1, trust_high=1.0, astray_frames=astray, max_per_run=3)
+        chosen, counts = loop._select(1, pool(), [], limit=8)
+        assert counts == {"below_window": 0, "in_window": 8, "above_window": 4}
+        return [(a.info["md_run"], a.info["md_snapshot"], a.info["selection"]) for a in chosen]
+
+    # Without them: frames in the window only, the most uncertain first, at most 3 per run.
+    in_window = [("c", 40), ("c", 30), ("c", 20), ("a", 10), ("b", 40), ("b", 20), ("b", 10)]
+    assert select(0) == [(run, step, "committee") for run, step in in_window]
+    # With 2: a's steps 20 and 30 and b's step 30 come first (not a's 40, the most uncertain); then the
+    # window, within the cap of 3 per run and the limit of 8.
+    astray = [("a", 20, "astray"), ("a", 30, "astray"), ("b", 30, "astray")]
+    rest = [("c", 40), ("c", 30), ("c", 20), ("a", 10), ("b", 40)]
+    assert select(2) == astray + [(run, step, "committee") for run, step in rest]
+    with pytest.raises(ValueError, match="astray_frames=-1"):
+        ActiveLoopConfig(astray_frames=-1)
