@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,18 @@ def test_an_undertrained_student_fails_its_verdict_with_exit_code_3(tmp_path):
     assert any(reason.startswith("fresh/force_mae_rel = ") for reason in metrics["distill/reasons"])
     assert json.loads((tmp_path / "run" / "distill_report.json").read_text())["verdict"] == "fail"
     assert "mlff-train: error: the distilled student failed its verdict" in result.stderr and "Try:" in result.stderr
+
+
+def test_a_budget_too_small_for_the_splits_stops_before_any_work(tmp_path):
+    # per_round is no limit here: the 80-call budget is, once round 0's MD and seed are paid.
+    result = run_cli(tmp_path, "distill.per_round=1000", "data.num_test=70", f"data.source.cache_dir={tmp_path / 'c'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(
+        r"can hold at most (\d+) structures .*teacher_budget=80 pays for them at 1 teacher call each", result.stderr
+    )
+    assert int(re.search(r"at most (\d+)", result.stderr).group(1)) < 80 and "data.num_test=70" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "train.log"]
+    assert not (tmp_path / "c").exists()  # nothing sampled or labelled
 
 
 def test_a_missing_teacher_package_stops_before_any_work(monkeypatch):

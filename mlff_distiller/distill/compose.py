@@ -100,10 +100,13 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
         raise CLIError(str(error)) from None
     held_out = int(cfg.data.get("num_val") or 0) + int(cfg.data.get("num_test") or 0)
     if loop.most_structures() <= held_out:
+        calls = sampling.teacher_calls_per_structure()
         raise CLIError(
             f"The final training set can hold at most {loop.most_structures()} structures (round 0 and "
-            f"distill.rounds x distill.per_round), too few for data.num_val={cfg.data.num_val} and "
-            f"data.num_test={cfg.data.num_test} with any left to train on: lower them or sample more."
+            f"distill.rounds x distill.per_round, as far as distill.teacher_budget={loop_config.teacher_budget} "
+            f"pays for them at {calls} teacher call{'s' if calls != 1 else ''} each), too few for "
+            f"data.num_val={cfg.data.num_val} and data.num_test={cfg.data.num_test} with any left to train on: "
+            "lower them, raise the budget or make each structure cheaper (data.source.hessian_rows)."
         )
     try:
         result = loop.run()

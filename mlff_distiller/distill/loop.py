@@ -363,8 +363,15 @@ class ActiveLoop:
 
     def most_structures(self) -> int:
         """The most structures the final training set can hold: round 0's largest size plus every round's
-        ``per_round`` (before deduplication and the budget make it smaller)."""
-        return self.sampling.most_structures() + self.config.rounds * self.config.per_round
+        ``per_round``, and no more than the budget pays for once round 0's MD and seeds are paid (before
+        deduplication makes it smaller)."""
+        most = self.sampling.most_structures() + self.config.rounds * self.config.per_round
+        budget = self.config.teacher_budget
+        if budget is not None:
+            s = self.sampling
+            fixed = s.md_teacher_calls() + s.seed_teacher_calls()
+            most = min(most, (budget - fixed) // s.teacher_calls_per_structure())
+        return most
 
     def state_directory(self) -> Path:
         """The keyed directory holding the rounds."""
@@ -744,12 +751,12 @@ class ActiveLoop:
             unstable = [i for i, c in enumerate(pool) if c.info.get("unstable")]
             astray = self._astray(pool, scores, high, set(unstable))
             window = [i for i in np.argsort(-scores, kind="stable").tolist() if low <= scores[i] <= high]
-            first = unstable + astray
-            order = first + [i for i in window if i not in set(first)]
+            reason = (
+                {i: "committee" for i in window} | {i: "astray" for i in astray} | {i: "unstable" for i in unstable}
+            )
+            order = unstable + astray + [i for i in window if reason[i] == "committee"]
             for i in order:
-                pool[i].info["selection"] = (
-                    "unstable" if i in set(unstable) else "astray" if i in set(astray) else "committee"
-                )
+                pool[i].info["selection"] = reason[i]
         chosen: list[Atoms] = []
         per_run: dict[str, int] = {}
         reference = _Fingerprints(training, self.config.dedup_tolerance)

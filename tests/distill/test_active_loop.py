@@ -4,6 +4,7 @@ while training a committee member) that continues, on rerun, to exactly what an 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ase.io
@@ -144,6 +145,16 @@ def test_budget_and_provenance(uninterrupted):
 def test_a_budget_below_round_zero_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"teacher_budget=20 is below what round 0 may cost.*md_driver"):
         ActiveLoop(loop_config(tmp_path / "s", 20), sampling(tmp_path / "cache"), CountingEMT, recipe())
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_budget_bounds_the_final_set_before_any_work(tmp_path):
+    # Round 0 holds at most 15 structures (1 seed, 10 rattled, 4 MD snapshots) and its MD and seed cost 34
+    # calls; 2 rounds of 4 would make 23, but a budget of 55 pays for 21 structures at one call each.
+    loop = ActiveLoop(loop_config(tmp_path / "s", BUDGET), sampling(tmp_path / "cache"), CountingEMT, recipe())
+    assert loop.most_structures() == 21
+    unbounded = dataclasses.replace(loop_config(tmp_path / "s", BUDGET), teacher_budget=None)
+    assert ActiveLoop(unbounded, sampling(tmp_path / "cache"), CountingEMT, recipe()).most_structures() == 23
     assert not (tmp_path / "cache").exists() and not (tmp_path / "s").exists()
 
 
