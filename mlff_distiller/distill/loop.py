@@ -245,6 +245,8 @@ class ActiveLoopConfig:
         options = dataclasses.asdict(self)
         for name in ("rounds", "state_dir", "progress"):
             options.pop(name)
+        if not options["astray_frames"]:  # off: the key of the states cached before the option existed
+            options.pop("astray_frames")
         return options
 
 

@@ -241,3 +241,6 @@ def test_astray_frames_are_the_first_of_each_run_beyond_the_window():
     assert select(2) == astray + [(run, step, "committee") for run, step in rest]
     with pytest.raises(ValueError, match="astray_frames=-1"):
         ActiveLoopConfig(astray_frames=-1)
+    # Off, the option leaves the state key as it was before it existed (cached rounds stay valid).
+    assert "astray_frames" not in ActiveLoopConfig().key_config()
+    assert ActiveLoopConfig(astray_frames=2).key_config()["astray_frames"] == 2
