@@ -57,14 +57,9 @@ def round0_cost(experiment: str, overrides: list[str]) -> tuple[object, int, int
     with initialize_config_module(config_module="mlff_distiller.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=.", *overrides])
     sampling = instantiate(cfg.data.source)
-    md_snapshots = len(sampling.temperatures) * sampling.runs_per_temperature * sampling.snapshots_per_run
-    fixed = len(sampling.seeds()) + md_snapshots
-    cost = (
-        (fixed + sampling.num_rattle) * sampling.teacher_calls_per_structure()
-        + sampling.md_teacher_calls()
-        + sampling.seed_teacher_calls()
-    )
-    return cfg, cost, fixed
+    most = sampling.most_structures()
+    cost = most * sampling.teacher_calls_per_structure() + sampling.overhead_teacher_calls()
+    return cfg, cost, most - sampling.num_rattle
 
 
 def plan(experiment: str, overrides: list[str], budget: int, oneshot: bool) -> list[str]:

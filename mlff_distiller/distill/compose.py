@@ -99,10 +99,11 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
     except ValueError as error:  # the budget cannot hold round 0: said before any work
         raise CLIError(str(error)) from None
     held_out = int(cfg.data.get("num_val") or 0) + int(cfg.data.get("num_test") or 0)
-    if loop.most_structures() <= held_out:
+    most = loop.most_structures()
+    if most <= held_out:
         calls = sampling.teacher_calls_per_structure()
         raise CLIError(
-            f"The final training set can hold at most {loop.most_structures()} structures (round 0 and "
+            f"The final training set can hold at most {most} structures (round 0 and "
             f"distill.rounds x distill.per_round, as far as distill.teacher_budget={loop_config.teacher_budget} "
             f"pays for them at {calls} teacher call{'s' if calls != 1 else ''} each), too few for "
             f"data.num_val={cfg.data.num_val} and data.num_test={cfg.data.num_test} with any left to train on: "

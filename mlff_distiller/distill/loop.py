@@ -353,7 +353,7 @@ class ActiveLoop:
             return
         s = self.sampling
         most = s.most_structures()
-        calls = most * s.teacher_calls_per_structure() + s.md_teacher_calls() + s.seed_teacher_calls()
+        calls = most * s.teacher_calls_per_structure() + s.overhead_teacher_calls()
         if calls > budget:
             raise ValueError(
                 f"distill.teacher_budget={budget} is below what round 0 may cost: up to {most} structures x "
@@ -371,8 +371,7 @@ class ActiveLoop:
         budget = self.config.teacher_budget
         if budget is not None:
             s = self.sampling
-            fixed = s.md_teacher_calls() + s.seed_teacher_calls()
-            most = min(most, (budget - fixed) // s.teacher_calls_per_structure())
+            most = min(most, (budget - s.overhead_teacher_calls()) // s.teacher_calls_per_structure())
         return most
 
     def state_directory(self) -> Path:
@@ -410,11 +409,7 @@ class ActiveLoop:
         round0 = Path(self.sampling())
         seconds_round0 = time.perf_counter() - started
         round0_structures = read_labelled(round0)
-        calls0 = (
-            total_teacher_calls(round0_structures)
-            + self.sampling.md_teacher_calls()
-            + self.sampling.seed_teacher_calls()
-        )
+        calls0 = total_teacher_calls(round0_structures) + self.sampling.overhead_teacher_calls()
         budget = self.config.teacher_budget
         if budget is not None and calls0 > budget:
             raise ValueError(f"Round 0 cost {calls0} teacher calls, more than distill.teacher_budget={budget}.")

@@ -540,6 +540,11 @@ class SamplingConfig:
 
         return EOS_POINTS * len(self.crystal_seeds())
 
+    def overhead_teacher_calls(self) -> int:
+        """Teacher calls of round 0 that label none of its structures: its teacher-driven MD and placing the
+        seeds at the teacher's volume."""
+        return self.md_teacher_calls() + self.seed_teacher_calls()
+
     def teacher_seeds(self, teacher: Any) -> list[Atoms]:
         """The seeds the sampling starts from: :meth:`seeds`, each crystal scaled to ``teacher``'s equilibrium
         volume (``seed_volume=teacher``). The volumes are cached beside the labelled sets (keyed by the seeds and
