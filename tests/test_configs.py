@@ -181,6 +181,54 @@ def test_invalid_value_is_a_config_error(tmp_path):
         OmegaConf.to_object(cfg.trainer)
 
 
+def _loop_of(cfg):
+    """The ActiveLoop that mlff-train would build for ``cfg`` (its run patched out: nothing is sampled)."""
+    from unittest import mock
+
+    from mlff_distiller.distill import compose as distill_compose
+    from mlff_distiller.distill.loop import ActiveLoop
+    from mlff_distiller.train import _training_config
+
+    built = []
+
+    def capture(loop):
+        built.append(loop)
+        raise KeyboardInterrupt  # stop before any work
+
+    with mock.patch.object(ActiveLoop, "run", capture), pytest.raises(KeyboardInterrupt):
+        distill_compose.active_loop(cfg, _training_config(cfg))
+    return built[0]
+
+
+@pytest.mark.parametrize("experiment", ["distill_chgnet", "distill_sevenn_water"])
+def test_the_recipes_committee_is_schnet_whatever_the_final_model(tmp_path, experiment):
+    from mlff_distiller.data.statistics import DatasetStatistics
+    from mlff_distiller.models.painn import PaiNN
+    from mlff_distiller.models.schnet import SchNet
+
+    stats = DatasetStatistics(atomic_energies={29: -1.0}, force_rms=1.0, avg_num_neighbors=10.0)
+    shipped = _loop_of(compose_cfg(tmp_path, experiment=experiment))
+    painn = compose_cfg(tmp_path, "model=painn", experiment=experiment)
+    assert painn.model._target_.endswith("PaiNN")
+    final_only = _loop_of(painn)
+    assert type(final_only.recipe.build_model(stats)) is SchNet
+    # The final student's architecture is not part of the rounds: they stay cached.
+    assert final_only.state_directory() == shipped.state_directory()
+    both = _loop_of(compose_cfg(tmp_path, "model=painn", "model@distill.committee_model=painn", experiment=experiment))
+    assert type(both.recipe.build_model(stats)) is PaiNN and both.state_directory() != shipped.state_directory()
+    # null: the committee is the recipe's model again.
+    same = _loop_of(compose_cfg(tmp_path, "model=painn", "distill.committee_model=null", experiment=experiment))
+    assert type(same.recipe.build_model(stats)) is PaiNN and same.state_directory() == both.state_directory()
+
+
+def test_a_committee_model_without_target_names_the_key(tmp_path):
+    from mlff_distiller.cli import CLIError
+
+    cfg = compose_cfg(tmp_path, "distill.committee_model=schnet", experiment="distill_smoke")
+    with pytest.raises(CLIError, match=r"distill.committee_model must be a model config .* got 'schnet'"):
+        _loop_of(cfg)
+
+
 def test_composed_job_trains(tmp_path):
     """The smoke composition, wired by hand as train.py does, lowers the validation loss in three epochs."""
     cfg = compose_cfg(tmp_path, "logger=none", "trainer.max_epochs=3")

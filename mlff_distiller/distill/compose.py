@@ -53,6 +53,18 @@ def _sampling(cfg: DictConfig, what: str) -> Any:
     return source
 
 
+def _committee_model(cfg: DictConfig, given: Any) -> DictConfig:
+    """The committee's model config: ``distill.committee_model``, or the recipe's ``model`` when that is null."""
+    if given is None:
+        return cfg.model
+    if not isinstance(given, dict) or "_target_" not in given:
+        raise CLIError(
+            f"distill.committee_model must be a model config with a _target_ (e.g. "
+            f"model@distill.committee_model=schnet) or null (the committee uses the recipe's model); got {given!r}."
+        )
+    return cfg.distill.committee_model
+
+
 def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult | None:
     """Run the recipe's active loop (``distill``; None when the recipe has none) and return where its final
     training set is; a finished round is never recomputed, a killed one continues."""
@@ -68,15 +80,17 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
 
     started = time.perf_counter()
     sampling = _sampling(cfg, "distill (the active loop)")
+    options = OmegaConf.to_container(cfg.distill, resolve=True)
+    committee_model = _committee_model(cfg, options.pop("committee_model", None))
     try:
-        loop_config = ActiveLoopConfig.from_dict(OmegaConf.to_container(cfg.distill, resolve=True))
+        loop_config = ActiveLoopConfig.from_dict(options)
     except (TypeError, ValueError) as error:
         raise CLIError(str(error)) from None
     data_keys = ("cutoff", "num_val", "batch_size", "val_batch_size", "num_workers", "energy_key", "forces_key")
     data_options = {key: cfg.data.get(key) for key in (*data_keys, "group_key") if key in cfg.data}
     training = {k: v for k, v in dataclasses.asdict(training_config).items() if k not in _NOT_IN_KEY}
     fingerprint = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": OmegaConf.to_container(committee_model, resolve=True),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
@@ -85,7 +99,7 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
     }
     scheduler = cfg.get("scheduler")
     recipe = StudentRecipe(
-        build_model=lambda statistics: instantiate(cfg.model, statistics=statistics),
+        build_model=lambda statistics: instantiate(committee_model, statistics=statistics),
         build_loss=lambda: instantiate(cfg.loss),
         training=training_config,
         data_options=data_options,
