@@ -96,14 +96,15 @@ def check_distill_experiment(cfg) -> None:
     """A foundation-model distillation recipe: composed, its loop, report and model built and checked; its data
     (minutes of teacher labelling) is built by the distill_smoke stand-in instead. The stability gate keeps the
     issue's numbers: NVT >= 20 ps at 1.5x the highest target temperature in >= 108 atoms, then NVE >= 10 ps."""
-    from mlff_distiller.distill.loop import ActiveLoopConfig
+    from mlff_distiller.distill.compose import loop_settings
     from mlff_distiller.distill.report import ReportConfig
 
     assert cfg.teacher.name in ("chgnet", "sevenn")
     source = instantiate(cfg.data.source)
     assert type(source).__name__ == "SamplingConfig" and source.teacher == cfg.teacher.name
     assert source.system in ("CuAu", "water")
-    loop = ActiveLoopConfig.from_dict(OmegaConf.to_container(cfg.distill, resolve=True))
+    loop, committee = loop_settings(cfg)
+    assert committee._target_.endswith(".SchNet")  # the recipes' committees stay cheap whatever the final model
     assert loop.rounds >= 1 and loop.committee >= 2 and loop.selection == "committee" and loop.teacher_budget
     report = ReportConfig.from_dict(OmegaConf.to_container(cfg.distill_report, resolve=True))
     gate = report.gate

@@ -20,7 +20,7 @@ from .gate import DistillationFailed, advice
 
 if TYPE_CHECKING:
     from ..training import TrainingConfig
-    from .loop import LoopResult
+    from .loop import ActiveLoopConfig, LoopResult
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,23 @@ def _sampling(cfg: DictConfig, what: str) -> Any:
     return source
 
 
-def _committee_model(cfg: DictConfig, given: Any) -> DictConfig:
-    """The committee's model config: ``distill.committee_model``, or the recipe's ``model`` when that is null."""
-    if given is None:
-        return cfg.model
-    if not isinstance(given, dict) or "_target_" not in given:
+def loop_settings(cfg: DictConfig) -> tuple[ActiveLoopConfig, DictConfig]:
+    """The recipe's ``distill`` node as the loop's config and the committee's model config
+    (``distill.committee_model``, or the recipe's ``model`` when that is null); errors name the key."""
+    from .loop import ActiveLoopConfig
+
+    options = OmegaConf.to_container(cfg.distill, resolve=True)
+    given = options.pop("committee_model", None)
+    if given is not None and (not isinstance(given, dict) or "_target_" not in given):
         raise CLIError(
             f"distill.committee_model must be a model config with a _target_ (e.g. "
             f"model@distill.committee_model=schnet) or null (the committee uses the recipe's model); got {given!r}."
         )
-    return cfg.distill.committee_model
+    try:
+        loop_config = ActiveLoopConfig.from_dict(options)
+    except (TypeError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    return loop_config, cfg.model if given is None else cfg.distill.committee_model
 
 
 def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult | None:
@@ -76,16 +83,11 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
 
     from ..teachers.calculators import make_calculator
     from ..training import TrainingInterrupted
-    from .loop import ActiveLoop, ActiveLoopConfig, StudentRecipe
+    from .loop import ActiveLoop, StudentRecipe
 
     started = time.perf_counter()
     sampling = _sampling(cfg, "distill (the active loop)")
-    options = OmegaConf.to_container(cfg.distill, resolve=True)
-    committee_model = _committee_model(cfg, options.pop("committee_model", None))
-    try:
-        loop_config = ActiveLoopConfig.from_dict(options)
-    except (TypeError, ValueError) as error:
-        raise CLIError(str(error)) from None
+    loop_config, committee_model = loop_settings(cfg)
     data_keys = ("cutoff", "num_val", "batch_size", "val_batch_size", "num_workers", "energy_key", "forces_key")
     data_options = {key: cfg.data.get(key) for key in (*data_keys, "group_key") if key in cfg.data}
     training = {k: v for k, v in dataclasses.asdict(training_config).items() if k not in _NOT_IN_KEY}

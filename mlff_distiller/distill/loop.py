@@ -37,8 +37,12 @@ directory keyed by every setting that changes the result (round 0, this config w
 student recipe), one sub-directory per round: committee checkpoints (the Trainer resumes them mid-epoch),
 scored candidates, selected and fresh frames, labels (resumable) and a ``summary.json`` written last. A
 finished round is never recomputed; a run killed anywhere continues where it stopped when the same command
-runs again. Every structure keeps its provenance in ``atoms.info``: ``round``, ``driver``,
-``temperature_K``, ``variant``, ``score`` and ``provenance``.
+runs again. The budget is part of the key, but a run with another budget adopts what a sibling state (the same
+key but for the budget) already computed for a round with the same training set: the committee, its candidates,
+the fresh frames and as many of its labels as this budget selects (a selection is a prefix of the same greedy
+order), so raising the budget continues the loop and lowering it costs no teacher call. Every structure keeps
+its provenance in ``atoms.info``: ``round``, ``driver``, ``temperature_K``, ``variant``, ``score`` and
+``provenance``.
 """
 
 from __future__ import annotations
@@ -248,6 +252,25 @@ class ActiveLoopConfig:
         if not options["astray_frames"]:  # off: the key of the states cached before the option existed
             options.pop("astray_frames")
         return options
+
+
+def _keep_first(path: Path, count: int) -> None:
+    """Keep the first ``count`` structures of an extended-XYZ file (and of its cost ledger), if it holds more;
+    the kept text is unchanged, byte for byte."""
+    from ..teachers.labelling import _prune_costs
+
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    end = 0
+    for _ in range(count):
+        if end >= len(lines):
+            return
+        end += int(lines[end]) + 2  # the atom count, the comment line, one line per atom
+    if end >= len(lines):
+        return
+    write_text_atomic(path, "".join(lines[:end]))
+    _prune_costs(path, 0, count)
 
 
 @dataclass
@@ -486,6 +509,7 @@ class ActiveLoop:
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
         train_set = self._train_set(r)
+        self._adopt(r, train_set)
         training_structures = read_labelled(train_set)
         members, validation = [], []
         for k in range(self.config.members):
@@ -534,6 +558,7 @@ class ActiveLoop:
 
         clock = time.perf_counter()
         calls = 0
+        _keep_first(directory / "labelled.extxyz", len(selected))  # labels adopted beyond this budget's selection
         if selected:
             # The round's labels are round 0's kind (data.source): the same rows, site energies and workers.
             s = self.sampling
@@ -578,6 +603,68 @@ class ActiveLoop:
             + (f"; stop: {stop}" if stop else "")
         )
         return summary
+
+    # ------------------------------------------------------------------ adoption
+    def _siblings(self) -> list[Path]:
+        """State directories that differ from this one by the budget alone (none with an explicit state_dir)."""
+        if self.config.state_dir is not None:
+            return []
+        mine = json.loads((self.state / "config.json").read_text())
+        mine["loop"].pop("teacher_budget", None)
+        siblings = []
+        for other in sorted(self.state.parent.glob(f"active_{self.sampling.name()}_{self.sampling.teacher}_*")):
+            if other == self.state or not (other / "config.json").is_file():
+                continue
+            theirs = json.loads((other / "config.json").read_text())
+            theirs.get("loop", {}).pop("teacher_budget", None)
+            if theirs == mine:
+                siblings.append(other)
+        return siblings
+
+    def _adopt(self, r: int, train_set: Path) -> None:
+        """Copy round ``r`` from a sibling state whose finished round ``r`` trained on the same set (the one
+        with the most labels): committee, candidates, fresh frames and labels; this budget's selection then
+        takes what it needs of the labels and labels the rest."""
+        import shutil
+
+        from ..teachers.labelling import cost_path
+
+        directory = self._round_dir(r)
+        if (directory / "summary.json").exists() or any(directory.glob("member_*")):
+            return  # this state's own work, finished or under way
+        donors = []
+        for other in self._siblings():
+            round_dir = other / directory.name
+            theirs = other / train_set.name
+            if (
+                (round_dir / "summary.json").is_file()
+                and theirs.is_file()
+                and theirs.read_bytes() == train_set.read_bytes()
+            ):
+                summary = json.loads((round_dir / "summary.json").read_text())
+                donors.append((summary["selected"], round_dir))
+        if not donors:
+            return
+        selected, source = max(donors, key=lambda donor: donor[0])
+        temporary = directory.with_name(directory.name + ".adopting")
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        for k in range(self.config.members):
+            member = temporary / f"member_{k}"
+            member.mkdir()
+            for name in ("best_model.pt", "done.json"):
+                shutil.copy2(source / f"member_{k}" / name, member / name)
+        for name in ("candidates.extxyz", "fresh.extxyz", "labelled.extxyz"):
+            for path in (source / name, cost_path(source / name)):
+                if path.is_file():
+                    shutil.copy2(path, temporary / path.name)
+        if directory.exists():
+            directory.rmdir()  # empty: checked above that nothing of this state's own is in it
+        temporary.rename(directory)
+        self._say(
+            f"Round {r}: adopted from {source.parent.name} (the same training set, another budget): its committee, "
+            f"candidates, fresh frames and {selected} labels"
+        )
 
     # ------------------------------------------------------------------ committee
     def _train_member(self, r: int, k: int, train_set: Path, size: int) -> tuple[nn.Module, float]:

@@ -244,3 +244,33 @@ def test_astray_frames_are_the_first_of_each_run_beyond_the_window():
     # Off, the option leaves the state key as it was before it existed (cached rounds stay valid).
     assert "astray_frames" not in ActiveLoopConfig().key_config()
     assert ActiveLoopConfig(astray_frames=2).key_config()["astray_frames"] == 2
+
+
+def test_another_budget_adopts_the_rounds_it_shares_with_a_sibling_state(tmp_path):
+    """The budget is in the state key, but a run at another budget takes over what a sibling computed for the
+    rounds that trained on the same set: raising the budget labels only the difference, lowering it costs no
+    teacher call, and either ends exactly where a run from scratch at that budget ends."""
+
+    def run(budget: int, teacher: CountingEMT, state: str | None = None):
+        config = dataclasses.replace(loop_config(tmp_path / (state or "unused"), budget), state_dir=state)
+        return ActiveLoop(config, sampling(tmp_path / "cache"), lambda: teacher, recipe()).run()
+
+    first = run(BUDGET, CountingEMT())  # round 2 stops at 2 labels: the budget
+    assert [r["selected"] for r in first.rounds] == [4, 2]
+    raised = CountingEMT()
+    more = run(BUDGET + 5, raised)  # round 2 may take all 4 (per_round) now
+    assert more.state_dir != first.state_dir and [r["selected"] for r in more.rounds] == [4, 4]
+    assert raised.calls == 2  # the 2 labels beyond the first run's: committees, candidates, fresh frames adopted
+    scratch = run(BUDGET + 5, CountingEMT(), state=str(tmp_path / "scratch"))  # no siblings with a given state_dir
+    assert more.dataset.read_bytes() == scratch.dataset.read_bytes()
+    for name in ("candidates.extxyz", "selected.extxyz", "labelled.extxyz", "fresh.extxyz"):
+        assert (more.state_dir / "round_002" / name).read_bytes() == (
+            scratch.state_dir / "round_002" / name
+        ).read_bytes()
+    lowered = CountingEMT()
+    fewer = run(BUDGET - 1, lowered)  # round 2 keeps 1 of the 4 labels it adopts
+    assert lowered.calls == 0 and [r["selected"] for r in fewer.rounds] == [4, 1]
+    assert fewer.teacher_calls_train == BUDGET - 1
+    # The final set is the first run's but its last structure, byte for byte.
+    assert first.dataset.read_text().startswith(fewer.dataset.read_text())
+    assert len(ase.io.read(fewer.dataset, ":")) == len(ase.io.read(first.dataset, ":")) - 1
