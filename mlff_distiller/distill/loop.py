@@ -609,17 +609,20 @@ class ActiveLoop:
         """State directories that differ from this one by the budget alone (none with an explicit state_dir)."""
         if self.config.state_dir is not None:
             return []
-        mine = json.loads((self.state / "config.json").read_text())
-        mine["loop"].pop("teacher_budget", None)
-        siblings = []
-        for other in sorted(self.state.parent.glob(f"active_{self.sampling.name()}_{self.sampling.teacher}_*")):
-            if other == self.state or not (other / "config.json").is_file():
-                continue
-            theirs = json.loads((other / "config.json").read_text())
-            theirs.get("loop", {}).pop("teacher_budget", None)
-            if theirs == mine:
-                siblings.append(other)
-        return siblings
+
+        def settings(state: Path) -> dict[str, Any]:
+            # Round 0 is compared by content (each round's training set), not by its path: caches get moved.
+            description = json.loads((state / "config.json").read_text())
+            loop = {k: v for k, v in description.get("loop", {}).items() if k != "teacher_budget"}
+            return {"loop": loop, "student": description.get("student")}
+
+        mine = settings(self.state)
+        pattern = f"active_{self.sampling.name()}_{self.sampling.teacher}_*"
+        return [
+            other
+            for other in sorted(self.state.parent.glob(pattern))
+            if other != self.state and (other / "config.json").is_file() and settings(other) == mine
+        ]
 
     def _adopt(self, r: int, train_set: Path) -> None:
         """Copy round ``r`` from a sibling state whose finished round ``r`` trained on the same set (the one
