@@ -217,9 +217,12 @@ def test_the_recipes_committee_is_schnet_whatever_the_final_model(tmp_path, expe
     assert final_only.state_directory() == shipped.state_directory()
     both = _loop_of(compose_cfg(tmp_path, "model=painn", "model@distill.committee_model=painn", experiment=experiment))
     assert type(both.recipe.build_model(stats)) is PaiNN and both.state_directory() != shipped.state_directory()
-    # null: the committee is the recipe's model again.
-    same = _loop_of(compose_cfg(tmp_path, "model=painn", "distill.committee_model=null", experiment=experiment))
-    assert type(same.recipe.build_model(stats)) is PaiNN and same.state_directory() == both.state_directory()
+    # null: the committee is the recipe's model again, its width included.
+    null = compose_cfg(
+        tmp_path, "model=painn", "model.hidden=24", "distill.committee_model=null", experiment=experiment
+    )
+    same = _loop_of(null).recipe.build_model(stats)
+    assert type(same) is PaiNN and same.hidden == 24
 
 
 def test_a_committee_model_without_target_names_the_key(tmp_path):

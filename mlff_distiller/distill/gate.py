@@ -206,7 +206,8 @@ def advice(reasons: list[str]) -> str:
         )
     if "force_mae" in text or "fresh" in text or "observables" in text:
         tips.append(
-            "a more accurate student: a bigger model (model.hidden, model.interactions), longer training, "
-            "more teacher labels (distill.teacher_budget, distill.rounds)"
+            "a more accurate student: an equivariant one (model=painn, wider with model.hidden; the committee and "
+            "the cached rounds stay), longer training (trainer.max_epochs), more teacher labels (distill.rounds with "
+            "a larger distill.teacher_budget: the rerun continues the loop)"
         )
     return "; ".join(tips) or "inspect distill_report.json"
