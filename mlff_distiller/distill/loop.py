@@ -254,25 +254,6 @@ class ActiveLoopConfig:
         return options
 
 
-def _keep_first(path: Path, count: int) -> None:
-    """Keep the first ``count`` structures of an extended-XYZ file (and of its cost ledger), if it holds more;
-    the kept text is unchanged, byte for byte."""
-    from ..teachers.labelling import _prune_costs
-
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    end = 0
-    for _ in range(count):
-        if end >= len(lines):
-            return
-        end += int(lines[end]) + 2  # the atom count, the comment line, one line per atom
-    if end >= len(lines):
-        return
-    write_text_atomic(path, "".join(lines[:end]))
-    _prune_costs(path, 0, count)
-
-
 @dataclass
 class StudentRecipe:
     """How the loop builds and trains one student; the caller (``mlff-train``) fills it from its config."""
@@ -497,7 +478,7 @@ class ActiveLoop:
 
     def _round(self, r: int, used: int) -> dict[str, Any]:
         from ..teachers.calculators import CalculatorSpec
-        from ..teachers.labelling import label_structures, read_labelled
+        from ..teachers.labelling import keep_first_structures, label_structures, read_labelled
 
         directory = self._round_dir(r)
         summary_file = directory / "summary.json"
@@ -558,7 +539,7 @@ class ActiveLoop:
 
         clock = time.perf_counter()
         calls = 0
-        _keep_first(directory / "labelled.extxyz", len(selected))  # labels adopted beyond this budget's selection
+        keep_first_structures(directory / "labelled.extxyz", len(selected))  # adopted beyond this selection
         if selected:
             # The round's labels are round 0's kind (data.source): the same rows, site energies and workers.
             s = self.sampling

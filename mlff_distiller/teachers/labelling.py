@@ -56,17 +56,18 @@ class LabelFileMismatchError(ValueError):
     """An existing output file does not hold a prefix of the requested structures."""
 
 
-def complete_frames(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+def complete_frames(path: str | os.PathLike[str], limit: int | None = None) -> tuple[int, int, int]:
     """Scan an extended-XYZ file: (complete frames, byte offset where they end, file size).
 
     A frame is complete when its atom-count line, comment line and all its atom lines are present, each
-    ending in a newline. Bytes after the last complete frame are a torn (partially written) frame.
-    Raises ``ValueError`` if a full line where an atom count belongs is not an integer.
+    ending in a newline. Bytes after the last complete frame are a torn (partially written) frame. With
+    ``limit``, the scan stops after that many frames. Raises ``ValueError`` if a full line where an atom
+    count belongs is not an integer.
     """
     data = Path(path).read_bytes()
     frames = end = position = 0
     size = len(data)
-    while position < size:
+    while position < size and (limit is None or frames < limit):
         newline = data.find(b"\n", position)
         if newline < 0:
             break  # torn count line
@@ -90,6 +91,25 @@ def complete_frames(path: str | os.PathLike[str]) -> tuple[int, int, int]:
             continue
         break
     return frames, end, size
+
+
+def _truncate(path: Path, end: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(end)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def keep_first_structures(path: str | os.PathLike[str], count: int) -> None:
+    """Keep the first ``count`` structures of a labelled file and their cost entries, if it holds more (the
+    kept bytes are unchanged); a file with ``count`` or fewer is left as it is."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    frames, end, size = complete_frames(path, limit=count)
+    if frames == count and end < size:
+        _truncate(path, end)
+        _prune_costs(path, 0, count)
 
 
 def _same_structure(stored: Atoms, wanted: Atoms) -> str | None:
@@ -214,10 +234,7 @@ def _prepare_existing(
     frames, end, size = complete_frames(path)
     if end < size:
         log.warning("%s: discarding a partially written last frame (%d bytes).", path, size - end)
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _truncate(path, end)
     if frames == 0:
         return 0
     if frames > len(structures):
