@@ -70,6 +70,10 @@ class GateConfig:
     """Largest relative deviation of the NVT run's mean temperature (second half) from its target."""
     max_nve_drift: float = 1.0
     """meV/atom/ps; largest accepted magnitude of the NVE energy drift."""
+    compile: bool | str = False
+    """Run the student of the gate as one compiled graph (true or "inductor"; "fx"; false: eager): on one
+    thread a PaiNN step of a 128-atom cell took 13.5 ms compiled vs 34 ms eager, after ~40 s of compilation
+    (``benchmarks/README.md``), so it pays for gates of a few ps and more."""
 
     def __post_init__(self) -> None:
         for name in ("nvt_ps", "nve_ps", "temperature_factor", "temperature_tolerance", "max_nve_drift"):
@@ -86,6 +90,15 @@ class GateConfig:
             raise ValueError(
                 f"distill_report.gate.min_distance_fraction={self.min_distance_fraction} must be in (0, 1)."
             )
+        from ..models.compiled import COMPILE_MODES, compile_mode
+
+        try:
+            compile_mode(self.compile)
+        except ValueError:
+            raise ValueError(
+                f"distill_report.gate.compile={self.compile!r} is not a compile mode; accepted: true, false, "
+                f"{', '.join(repr(m) for m in COMPILE_MODES)}."
+            ) from None
         if self.timestep_fs is not None and not 0 < self.timestep_fs <= 10:
             raise ValueError(f"distill_report.gate.timestep_fs={self.timestep_fs} must be in (0, 10] fs or null.")
 

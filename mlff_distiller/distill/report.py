@@ -10,7 +10,9 @@ test split and the system's seed structures, and measures
   frames are written to ``fresh_frames.extxyz``; their teacher calls are counted apart);
 - speed: single-point energy + forces per second of teacher and student on the same structures
   (periodic systems: supercells of about 32 and 256 atoms) (``speed/...``);
-- the stability gate (:mod:`.gate`: NVT at 1.5x the highest target temperature, then NVE) (``gate/...``);
+- the stability gate (:mod:`.gate`: NVT at 1.5x the highest target temperature, then NVE) (``gate/...``); with
+  ``parallel`` it runs in a second one-thread process beside the observables (the two longest parts, on two
+  cores), and ``gate.compile`` runs its student as a compiled graph;
 - observables, student vs teacher (:mod:`.observables`: equation of state and bulk modulus, vibrational
   frequencies, RDF, by the kind of system) (``observables/...``);
 - the active loop's rounds when there was one: teacher calls per round, fresh-frame error per round
@@ -24,11 +26,13 @@ into ``output_dir``. :func:`print_report` shows the metrics as a table.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +81,9 @@ class ReportConfig:
     """The stability gate."""
     observables: dict[str, Any] | None = None
     """Keyword options of :func:`mlff_distiller.distill.observables.observables_report`; null: no observables."""
+    parallel: bool = False
+    """Run the stability gate in a second (spawned, one-thread) process while this one, on one thread, computes
+    the observables: the two longest parts of the report on the two cores of a small machine."""
     bounds: dict[str, float] = field(default_factory=lambda: {"fresh/force_mae_rel": 0.05})
     """Metric name -> largest accepted value, part of the verdict (a bound on a metric not measured fails; a
     null value removes the bound)."""
@@ -179,6 +186,86 @@ def fresh_frames(
                 )
             )
     return frames, unstable
+
+
+# ---------------------------------------------------------------------- the gate, here or beside
+def _gate_job(task: tuple) -> tuple[dict[str, float], list[str]]:
+    """:func:`~.gate.stability_gate` of the final student (a picklable task: it may run in a spawned process)."""
+    from ..calculator import StudentCalculator
+
+    model, reference, temperatures, config, bound, seed, dtype = task
+    calculator = StudentCalculator(model, dtype=dtype, compile=config.compile)
+    metrics, reasons = stability_gate(calculator, reference, temperatures, config, bound, seed)
+    graphs = getattr(calculator.model, "compiled", None)
+    # 1.0 when the student ran as a compiled graph (a failed trace or compilation falls back to eager, with a warning)
+    metrics["compiled"] = float(graphs is not None and any(g is not None for g in graphs.graphs.values()))
+    return metrics, reasons
+
+
+def _shippable(value: Any) -> Any:
+    """A copy of a student (eager) or a structure (no calculator) that pickles into another process."""
+    value = copy.deepcopy(value) if isinstance(value, nn.Module) else value.copy()
+    if hasattr(value, "set_compile"):
+        value.set_compile(False)  # compiled graphs stay in their process
+    if hasattr(value, "calc"):
+        value.calc = None
+    return value
+
+
+@contextlib.contextmanager
+def _beside(job: Callable[[tuple], Any], task: tuple, parallel: bool) -> Iterator[Callable[[], Any]]:
+    """Run ``job(task)`` while the block runs: in a spawned one-thread process, with this process on one thread
+    meanwhile, when ``parallel``; else here, after the block. Yields the function that returns its result (call
+    it after the block). The process is stopped if the block raises; its own error is raised here."""
+    if not parallel:
+        yield lambda: job(task)
+        return
+    import multiprocessing
+
+    from ..teachers.labelling import single_threaded_children
+
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_send_result, args=(job, task, sender), daemon=True)
+    with single_threaded_children():
+        process.start()
+    sender.close()  # the child holds the only sending end: its death ends the pipe (EOFError below)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    outcome: list[Any] = []
+    try:
+        yield lambda: outcome[0]
+        try:
+            status, value = receiver.recv()
+        except EOFError:
+            process.join()
+            raise RuntimeError(
+                f"The process running {job.__name__} died (exit code {process.exitcode}) without a result."
+            ) from None
+        if status == "error":
+            raise RuntimeError(f"{job.__name__} failed in its process:\n{value}")
+        outcome.append(value)
+    finally:
+        torch.set_num_threads(threads)
+        receiver.close()
+        if process.is_alive():
+            process.terminate()
+        process.join()
+
+
+def _send_result(job: Callable[[tuple], Any], task: tuple, sender: Any) -> None:
+    """The spawned side of :func:`_beside`: one thread, ``("ok", result)`` or ``("error", traceback)``."""
+    import traceback
+
+    # Warnings of the spawned side (e.g. a compiled graph that fell back to eager) reach the console.
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    torch.set_num_threads(1)
+    try:
+        message = ("ok", job(task))
+    except BaseException:
+        message = ("error", traceback.format_exc())
+    sender.send(message)
+    sender.close()
 
 
 # ---------------------------------------------------------------------- plots
@@ -314,21 +401,27 @@ def distillation_report(
         metrics[f"speed/{size}/speedup"] = student_rate / teacher_rate
     times["speed_s"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    gate_metrics, gate_reasons = stability_gate(
-        calculator, reference, target_temperatures, config.gate, min_distance_bound, seed
+    gate_task = (
+        _shippable(student),
+        _shippable(reference),
+        list(target_temperatures),
+        config.gate,
+        min_distance_bound,
+        seed,
+        student_dtype,
     )
+    with _beside(_gate_job, gate_task, config.parallel) as gate_result:
+        if config.observables is not None:
+            clock = time.perf_counter()
+            from .observables import observables_report
+
+            # Finite-difference frequencies and EOS fits need float64 energies: float32 rounding would be measured.
+            precise = StudentCalculator(student, dtype=torch.float64)
+            metrics.update(observables_report(precise, teacher, reference, output, seed=seed, **config.observables))
+            times["observables_s"] = time.perf_counter() - clock
+    gate_metrics, gate_reasons = gate_result()
     metrics.update({f"gate/{name}": value for name, value in gate_metrics.items()})
-    times["gate_s"] = time.perf_counter() - clock
-
-    if config.observables is not None:
-        clock = time.perf_counter()
-        from .observables import observables_report
-
-        # Finite-difference frequencies and EOS fits need float64 energies: float32 rounding would be measured.
-        precise = StudentCalculator(student, dtype=torch.float64)
-        metrics.update(observables_report(precise, teacher, reference, output, seed=seed, **config.observables))
-        times["observables_s"] = time.perf_counter() - clock
+    times["gate_s"] = gate_metrics["seconds"]
 
     curve: list[tuple[float, float, str]] = []
     rounds: list[dict[str, Any]] = []

@@ -16,7 +16,15 @@ from ase.calculators.emt import EMT
 from mlff_distiller.data import keys
 from mlff_distiller.data.module import AtomsDataModule
 from mlff_distiller.distill.gate import GateConfig
-from mlff_distiller.distill.report import ReportConfig, distillation_report, print_report, speed_structures
+from mlff_distiller.distill.report import (
+    ReportConfig,
+    _beside,
+    _gate_job,
+    _shippable,
+    distillation_report,
+    print_report,
+    speed_structures,
+)
 from mlff_distiller.losses.hessian import EnergyForceHessianLoss
 from mlff_distiller.models.schnet import SchNet
 from mlff_distiller.teachers.sampling import SamplingConfig, build_distillation_dataset, seed_structures
@@ -122,6 +130,42 @@ def test_report_measures_accuracy_fresh_frames_speed_gate_and_gives_a_verdict(di
     print_report(metrics)
     out = capsys.readouterr().out
     assert "meV/Å²" in out and "verdict" in out
+
+
+def test_the_gate_run_beside_in_a_second_process_is_the_gate_run_here(distilled):
+    """``distill_report.parallel``: the gate in a spawned one-thread process while this one, on one thread, goes
+    on; the same seed and one thread on each side give the same trajectory, so the same metrics."""
+    _, model, _, _ = distilled
+    seeds = seed_structures("CuAu", min_atoms=8, num_seeds=2)
+    gate = GateConfig(nvt_ps=0.06, nve_ps=0.06, min_atoms=32, record_every=5)
+    task = (_shippable(model), _shippable(seeds[0]), [600.0], gate, 1.5, 0, torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = _gate_job(task)
+    finally:
+        torch.set_num_threads(threads)
+    with _beside(_gate_job, task, parallel=True) as beside:
+        assert torch.get_num_threads() == 1  # this process leaves the other core to the gate meanwhile
+    assert torch.get_num_threads() == threads
+    there = beside()
+    timing = ("seconds", "nvt/ns_per_day", "nve/ns_per_day")
+    assert {k: v for k, v in there[0].items() if k not in timing} == {
+        k: v for k, v in here[0].items() if k not in timing
+    }
+    assert there[1] == here[1] and here[0]["nvt/time_ps"] == pytest.approx(0.06)  # (a toy: its NVE may fail)
+
+
+def _fails(task):
+    raise ValueError(f"no gate for {task}")
+
+
+def test_an_error_in_the_second_process_is_raised_here_with_its_traceback():
+    with pytest.raises(RuntimeError, match=r"_fails failed in its process:(.|\n)*ValueError: no gate for \(7,\)"):
+        with _beside(_fails, (7,), parallel=True):
+            pass
+    with pytest.raises(ValueError, match="distill_report.gate.compile='fast' is not a compile mode"):
+        GateConfig(compile="fast")
 
 
 def test_speed_structures_are_supercells_or_the_molecule():
