@@ -57,8 +57,7 @@ def round0_cost(experiment: str, overrides: list[str]) -> tuple[object, int, int
     with initialize_config_module(config_module="mlff_distiller.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=.", *overrides])
     sampling = instantiate(cfg.data.source)
-    most = sampling.most_structures()
-    cost = most * sampling.teacher_calls_per_structure() + sampling.overhead_teacher_calls()
+    most, cost = sampling.largest_cost()
     return cfg, cost, most - sampling.num_rattle
 
 

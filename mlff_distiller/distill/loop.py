@@ -356,8 +356,7 @@ class ActiveLoop:
         if budget is None:
             return
         s = self.sampling
-        most = s.most_structures()
-        calls = most * s.teacher_calls_per_structure() + s.overhead_teacher_calls()
+        most, calls = s.largest_cost()
         if calls > budget:
             raise ValueError(
                 f"distill.teacher_budget={budget} is below what round 0 may cost: up to {most} structures x "

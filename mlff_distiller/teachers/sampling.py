@@ -545,6 +545,12 @@ class SamplingConfig:
         seeds at the teacher's volume."""
         return self.md_teacher_calls() + self.seed_teacher_calls()
 
+    def largest_cost(self) -> tuple[int, int]:
+        """Round 0 at its largest: (structures before deduplication, teacher calls: their labels plus the
+        teacher-driven MD and the seeds' placement)."""
+        most = self.most_structures()
+        return most, most * self.teacher_calls_per_structure() + self.overhead_teacher_calls()
+
     def teacher_seeds(self, teacher: Any) -> list[Atoms]:
         """The seeds the sampling starts from: :meth:`seeds`, each crystal scaled to ``teacher``'s equilibrium
         volume (``seed_volume=teacher``). The volumes are cached beside the labelled sets (keyed by the seeds and
