@@ -19,7 +19,7 @@ from mlff_distiller.models.painn import PaiNN
 torch.set_num_threads(1)
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 model = PaiNN(cutoff=5.0, hidden=64, interactions=1).eval()
-atoms = bulk("Cu", "fcc", a=3.7, cubic=True) * (6, 6, 6)  # 864 atoms: (edges, 3, 64) messages of ~28 MB
+atoms = bulk("Cu", "fcc", a=3.7, cubic=True) * (7, 7, 7)  # 1372 atoms: (edges, 3, 64) messages of ~44 MB
 batch = collate_atoms([atoms_to_graph(atoms, 5.0, with_labels=False)])
 faults = []
 for _ in range(6):
