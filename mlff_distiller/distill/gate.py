@@ -72,8 +72,8 @@ class GateConfig:
     """meV/atom/ps; largest accepted magnitude of the NVE energy drift."""
     compile: bool | str = False
     """Run the student of the gate as one compiled graph (true or "inductor"; "fx"; false: eager): on one
-    thread a PaiNN step of a 128-atom cell took 13.5 ms compiled vs 34 ms eager, after ~40 s of compilation
-    (``benchmarks/README.md``), so it pays for gates of a few ps and more."""
+    thread a PaiNN step of a 108-atom cell took 8.9 ms compiled vs 24.6 ms eager, after 15-50 s of compilation
+    (``benchmarks/gate_step.py``), so it pays for gates of a few ps and more."""
 
     def __post_init__(self) -> None:
         for name in ("nvt_ps", "nve_ps", "temperature_factor", "temperature_tolerance", "max_nve_drift"):
