@@ -27,7 +27,6 @@ into ``output_dir``. :func:`print_report` shows the metrics as a table.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -200,16 +199,6 @@ def _gate_job(task: tuple) -> tuple[dict[str, float], list[str]]:
     # 1.0 when the student ran as a compiled graph (a failed trace or compilation falls back to eager, with a warning)
     metrics["compiled"] = float(graphs is not None and any(g is not None for g in graphs.graphs.values()))
     return metrics, reasons
-
-
-def _shippable(value: Any) -> Any:
-    """A copy of a student (eager) or a structure (no calculator) that pickles into another process."""
-    value = copy.deepcopy(value) if isinstance(value, nn.Module) else value.copy()
-    if hasattr(value, "set_compile"):
-        value.set_compile(False)  # compiled graphs stay in their process
-    if hasattr(value, "calc"):
-        value.calc = None
-    return value
 
 
 @contextlib.contextmanager
@@ -401,9 +390,11 @@ def distillation_report(
         metrics[f"speed/{size}/speedup"] = student_rate / teacher_rate
     times["speed_s"] = time.perf_counter() - clock
 
+    # The task may be pickled into another process: the student pickles its compiled graphs as their mode only,
+    # and Atoms.copy() leaves the teacher's calculator behind.
     gate_task = (
-        _shippable(student),
-        _shippable(reference),
+        student,
+        reference.copy(),
         list(target_temperatures),
         config.gate,
         min_distance_bound,

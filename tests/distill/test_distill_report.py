@@ -20,7 +20,6 @@ from mlff_distiller.distill.report import (
     ReportConfig,
     _beside,
     _gate_job,
-    _shippable,
     distillation_report,
     print_report,
     speed_structures,
@@ -138,7 +137,7 @@ def test_the_gate_run_beside_in_a_second_process_is_the_gate_run_here(distilled)
     _, model, _, _ = distilled
     seeds = seed_structures("CuAu", min_atoms=8, num_seeds=2)
     gate = GateConfig(nvt_ps=0.06, nve_ps=0.06, min_atoms=32, record_every=5)
-    task = (_shippable(model), _shippable(seeds[0]), [600.0], gate, 1.5, 0, torch.float32)
+    task = (model, seeds[0].copy(), [600.0], gate, 1.5, 0, torch.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
