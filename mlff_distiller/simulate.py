@@ -29,6 +29,7 @@ SETTINGS = (
     "thermo_interval",
     "write_interval",
     "min_distance",
+    "pair_min_distance",
     "seed",
     "keep_velocities",
 )

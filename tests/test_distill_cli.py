@@ -49,6 +49,8 @@ def test_distill_smoke_runs_end_to_end(tmp_path):
     assert metrics["distill/fresh/num_structures"] == 3 and metrics["distill/fresh/force_mae_rel"] < 0.5
     assert metrics["distill/speed/8/student_per_s"] > 0 and metrics["distill/speed/8/teacher_per_s"] > 0
     assert metrics["distill/gate/passed"] == 1.0 and metrics["distill/gate/nvt/time_ps"] == pytest.approx(0.3)
+    # Copper alone: its one pair bound is the overall bound (both 0.6 x round 0's closest contact).
+    assert metrics["distill/gate/min_distance_bound/Cu-Cu"] == pytest.approx(metrics["distill/gate/min_distance_bound"])
     assert metrics["distill/verdict"] == "pass" and metrics["distill/reasons"] == []
     for phase in ("round0_s", "rounds_s", "final_training_s", "report_s", "total_s"):
         assert metrics[f"distill/time/{phase}"] >= 0

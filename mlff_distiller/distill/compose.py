@@ -16,13 +16,17 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..cli import CLIError
-from .gate import DistillationFailed, advice
+from .gate import DistillationFailed, advice, contact_bounds
 
 if TYPE_CHECKING:
     from ..training import TrainingConfig
     from .loop import ActiveLoopConfig, LoopResult
 
 log = logging.getLogger(__name__)
+
+# Model options added after rounds were first cached: at these values they leave the key as it was (the model is
+# the one built before they existed), so that adding an option does not throw away every cached loop.
+_MODEL_OPTIONS_OFF = {"zbl": False}
 
 # TrainingConfig fields that do not change what a committee member learns (paths, logging, devices, and
 # max_epochs, which the loop sets itself).
@@ -51,6 +55,12 @@ def _sampling(cfg: DictConfig, what: str) -> Any:
             f"temperatures); got data.source={None if source is None else type(source).__name__}."
         )
     return source
+
+
+def model_key(model: dict[str, Any]) -> dict[str, Any]:
+    """The committee's model config as the loop's state key holds it: options newer than the cached rounds are
+    left out at their off values (:data:`_MODEL_OPTIONS_OFF`)."""
+    return {k: v for k, v in model.items() if not (k in _MODEL_OPTIONS_OFF and v == _MODEL_OPTIONS_OFF[k])}
 
 
 def loop_settings(cfg: DictConfig) -> tuple[ActiveLoopConfig, DictConfig]:
@@ -92,7 +102,7 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
     data_options = {key: cfg.data.get(key) for key in (*data_keys, "group_key") if key in cfg.data}
     training = {k: v for k, v in dataclasses.asdict(training_config).items() if k not in _NOT_IN_KEY}
     fingerprint = {
-        "model": OmegaConf.to_container(committee_model, resolve=True),
+        "model": model_key(OmegaConf.to_container(committee_model, resolve=True)),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
@@ -169,6 +179,7 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     # explored structures the loop added may hold closer contacts, which must not loosen the gate.
     sampled = read_labelled_structures(loop.round0) if loop is not None else structures
     bound = config.gate.min_distance_fraction * min(min_distance(atoms) for atoms in sampled)
+    pair_bounds = contact_bounds(sampled, config.gate.min_distance_fraction)
     report = distillation_report(
         student,
         teacher,
@@ -180,6 +191,7 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
         loop,
         bound,
         seed=int(cfg.seed or 0),
+        pair_bounds=pair_bounds,
     )
     report["time/final_training_s"] = round(sum(trainer.history.get("epoch_time_s", [])), 2)
     report["time/report_s"] = round(time.perf_counter() - started, 2)

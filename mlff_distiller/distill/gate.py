@@ -8,7 +8,10 @@ the highest target temperature for ``nvt_ps``, then NVE (velocity Verlet) from t
 - both runs stay stable in the driver's sense (:mod:`mlff_distiller.md.stability`): energies and positions stay
   finite and no two atoms come closer than the bound
   (``min_distance_fraction`` x the smallest distance in the teacher-labelled data; 0.6 puts it well inside
-  the repulsive wall: Cu-Cu neighbours are 2.55 Å, the bound ~1.4 Å);
+  the repulsive wall: Cu-Cu neighbours are 2.55 Å, the bound ~1.4 Å), nor two atoms of an element pair
+  closer than that fraction of the pair's own closest contact there (:func:`contact_bounds`: in water the
+  O-H bond sets the first bound near 0.5 Å, which a molecule folded to H-H 0.6 Å passes; the H-H bound,
+  ~0.8 Å, does not);
 - the NVT run's mean temperature over its second half is within ``temperature_tolerance`` of the target
   (a student whose forces pump energy in heats up even against the thermostat);
 - the NVE run's energy drift (slope of a linear fit of the total energy per atom) is at most
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +106,13 @@ class GateConfig:
             raise ValueError(f"distill_report.gate.timestep_fs={self.timestep_fs} must be in (0, 10] fs or null.")
 
 
+def contact_bounds(structures: Sequence[Atoms], fraction: float) -> dict[str, float]:
+    """The gate's per-pair bounds: ``fraction`` x each element pair's closest contact in ``structures`` (Å)."""
+    from ..md.stability import closest_contacts
+
+    return {pair: fraction * distance for pair, distance in closest_contacts(structures).items()}
+
+
 def stability_gate(
     calculator: Any,
     reference: Atoms,
@@ -110,13 +120,16 @@ def stability_gate(
     config: GateConfig,
     min_distance_bound: float,
     seed: int = 0,
+    pair_bounds: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Run the gate (see the module docstring) with ``calculator`` (a
     :class:`~mlff_distiller.md.potential.StudentPotential` or any ASE calculator) from ``reference`` (repeated to
     ``config.min_atoms`` atoms when periodic), through :func:`mlff_distiller.md.driver.run_md` and its stability
-    check. Returns (metrics, reasons it failed; empty when it passed).
+    check, which also holds each element pair to its ``pair_bounds`` entry (Å, by name: ``{"H-H": 0.78}``).
+    Returns (metrics, reasons it failed; empty when it passed).
 
-    Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound``, ``timestep_fs``, per
+    Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound`` (and
+    ``min_distance_bound/<pair>`` for each pair bound), ``timestep_fs``, per
     segment (``nvt/``, ``nve/``) the driver's ``time_ps``, ``min_distance``, ``mean_temperature`` (NVT: over its
     second half) and ``ns_per_day``, the NVE's ``energy_drift`` and ``max_energy_deviation``; ``passed``
     (1.0 / 0.0) and ``seconds``.
@@ -138,6 +151,7 @@ def stability_gate(
         "temperature_K": temperature,
         "min_distance_bound": min_distance_bound,
         "timestep_fs": timestep,
+        **{f"min_distance_bound/{pair}": float(bound) for pair, bound in (pair_bounds or {}).items()},
     }
 
     def segment(name: str, ps: float, start: Atoms, ensemble: str, equilibration_steps: int = 0) -> MDSummary:
@@ -151,6 +165,7 @@ def stability_gate(
             thermo_interval=config.record_every,
             write_interval=config.record_every,
             min_distance=min_distance_bound,
+            pair_min_distance=dict(pair_bounds or {}),
             seed=seed_from(seed, 29, ENSEMBLES.index(ensemble)),
             keep_velocities=ensemble == "nve" and config.nvt_ps > 0,
             equilibration_steps=min(equilibration_steps, steps),

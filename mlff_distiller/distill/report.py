@@ -44,7 +44,7 @@ from ..plots import parity_plot
 from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance, supercell
 from ..training.config import check_known_fields
 from .budget import total_teacher_calls
-from .gate import GateConfig, advice, stability_gate, verdict
+from .gate import GateConfig, advice, contact_bounds, stability_gate, verdict
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -192,9 +192,9 @@ def _gate_job(task: tuple) -> tuple[dict[str, float], list[str]]:
     """:func:`~.gate.stability_gate` of the final student (a picklable task: it may run in a spawned process)."""
     from ..calculator import StudentCalculator
 
-    model, reference, temperatures, config, bound, seed, dtype = task
+    model, reference, temperatures, config, bound, pair_bounds, seed, dtype = task
     calculator = StudentCalculator(model, dtype=dtype, compile=config.compile)
-    metrics, reasons = stability_gate(calculator, reference, temperatures, config, bound, seed)
+    metrics, reasons = stability_gate(calculator, reference, temperatures, config, bound, seed, pair_bounds)
     graphs = getattr(calculator.model, "compiled", None)
     # 1.0 when the student ran as a compiled graph (a failed trace or compilation falls back to eager, with a warning)
     metrics["compiled"] = float(graphs is not None and any(g is not None for g in graphs.graphs.values()))
@@ -310,6 +310,7 @@ def distillation_report(
     min_distance_bound: float | None = None,
     student_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    pair_bounds: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, fresh frames, speed, stability gate, observables and the verdict (see the module docstring).
 
@@ -325,6 +326,8 @@ def distillation_report(
         config: the options (:class:`ReportConfig`).
         loop: the active loop's result, for its rounds and teacher calls.
         min_distance_bound: Å; default ``gate.min_distance_fraction`` x the smallest distance in the test split.
+        pair_bounds: the gate's bound per element pair (Å, ``{"H-H": 0.78}``); default
+            ``gate.min_distance_fraction`` x each pair's closest contact in the test split.
         student_dtype: precision of the student in the speed and MD runs.
 
     Returns flat metrics (``test/...``, ``fresh/...``, ``speed/...``, ``gate/...``, ``observables/...``,
@@ -349,6 +352,8 @@ def distillation_report(
     metrics: dict[str, Any] = {f"test/{name}": value for name, value in test.metrics.items()}
     if min_distance_bound is None:
         min_distance_bound = config.gate.min_distance_fraction * min(min_distance(a) for a in test_structures)
+    if pair_bounds is None:
+        pair_bounds = contact_bounds(test_structures, config.gate.min_distance_fraction)
     calculator = StudentCalculator(student, dtype=student_dtype)
 
     fresh_parity = None
@@ -398,6 +403,7 @@ def distillation_report(
         list(target_temperatures),
         config.gate,
         min_distance_bound,
+        dict(pair_bounds),
         seed,
         student_dtype,
     )

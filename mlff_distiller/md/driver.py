@@ -56,6 +56,9 @@ class MDSettings:
     """Steps between trajectory frames (a multiple of ``thermo_interval``)."""
     min_distance: float | None = None
     """Å. The run is unstable when two atoms come closer; None: half the closest approach at the start."""
+    pair_min_distance: dict[str, float] | None = None
+    """Å per element pair (``{"O-H": 0.5, "H-H": 0.8}``): the run is also unstable when two atoms of that pair
+    come closer (checked every ``thermo_interval`` steps)."""
     seed: int = 0
     """Seeds the initial velocities and the thermostat's noise."""
     keep_velocities: bool = False
@@ -90,6 +93,7 @@ class MDSettings:
         for name, ok, accepted in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be {accepted}.")
+        StabilityGuard.for_structure(None, 0.0, self.pair_min_distance)  # names a bad pair or bound
 
 
 def _finite(value: Any) -> bool:
@@ -209,7 +213,7 @@ def run_md(
     atoms.calc = None
     if not settings.keep_velocities or not atoms.has("momenta"):
         atoms.set_momenta(initial_momenta(atoms, settings.temperature_K, settings.seed + start_step))
-    guard = StabilityGuard.for_structure(atoms, settings.min_distance)
+    guard = StabilityGuard.for_structure(atoms, settings.min_distance, settings.pair_min_distance)
     evaluate = _frame_evaluator(model)
     output = _Output(Path(output_dir) if output_dir is not None else None)
     dof = 3 * len(atoms) - (3 if settings.ensemble == "nve" else 0)
@@ -232,7 +236,7 @@ def run_md(
         energy, stress, closest = evaluate(frame)
         recorder.add(step, frame, energy, stress, closest)
         output.frame(step, frame, energy, recorder, trajectory=True)
-        reason = guard.violation(step, energy, closest)
+        reason = guard.violation(step, energy, closest) or guard.pair_violation(step, frame)
         if reason is None:
             keep(frame)
         while reason is None and step < settings.steps:
@@ -255,7 +259,7 @@ def run_md(
             energy, stress, closest = evaluate(frame)
             closest = min(closest, seen) if not math.isnan(closest) else closest
             recorder.add(step, frame, energy, stress, closest)
-            reason = guard.violation(step, energy, closest)
+            reason = guard.violation(step, energy, closest) or guard.pair_violation(step, frame)
             if reason is None:
                 keep(frame)
             output.frame(

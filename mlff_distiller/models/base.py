@@ -17,6 +17,7 @@ from ..data import keys
 from ..data.batch import edge_vectors
 from ..data.statistics import DatasetStatistics
 from .compiled import CompiledForward, compile_mode
+from .repulsion import ZBLRepulsion
 
 MAX_Z = 100
 
@@ -37,6 +38,9 @@ class AtomisticModel(nn.Module):
     checkpoint gets them back. :meth:`check_elements` refuses structures with other elements.
     ``compile`` (false, true or "inductor", "fx") runs energy, forces and stress as one traced graph, so
     that a force loss needs only a first-order backward (see :mod:`~mlff_distiller.models.compiled`).
+    ``zbl`` adds a screened nuclear repulsion to the energy (:class:`~.repulsion.ZBLRepulsion`, pairs closer
+    than the sum of their covalent radii): the network then learns the rest, and no extrapolation of it can
+    let two atoms fall into each other.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class AtomisticModel(nn.Module):
         statistics: DatasetStatistics | None = None,
         compute_stress: bool = False,
         compile: bool | str = False,
+        zbl: bool = False,
     ) -> None:
         super().__init__()
         if cutoff <= 0:
@@ -53,6 +58,7 @@ class AtomisticModel(nn.Module):
         self.compute_stress = compute_stress
         self.compiled: CompiledForward | None = None
         self.set_compile(compile)
+        self.zbl = ZBLRepulsion(MAX_Z) if zbl else None
         self.register_buffer("atomic_energies", torch.zeros(MAX_Z + 1))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("avg_num_neighbors", torch.tensor(1.0))
@@ -158,6 +164,10 @@ class AtomisticModel(nn.Module):
         # Reduced in the precision of the positions (float32/64), never in half precision.
         per_atom = self.atomic_outputs(batch, vectors).to(positions.dtype) * self.scale
         per_atom = per_atom + self.atomic_energies[batch[keys.ATOMIC_NUMBERS]]
+        if self.zbl is not None:
+            per_atom = per_atom + self.zbl(
+                batch[keys.ATOMIC_NUMBERS], batch[keys.EDGE_INDEX], torch.linalg.vector_norm(vectors, dim=-1)
+            )
         num_structures = batch[keys.NUM_ATOMS].shape[0]
         energy = torch.zeros(num_structures, dtype=per_atom.dtype, device=per_atom.device)
         energy = energy.index_add(0, batch[keys.BATCH], per_atom)

@@ -75,8 +75,9 @@ class SchNet(AtomisticModel):
         statistics: DatasetStatistics | None = None,
         compute_stress: bool = False,
         compile: bool | str = False,
+        zbl: bool = False,
     ) -> None:
-        super().__init__(cutoff, statistics, compute_stress, compile)
+        super().__init__(cutoff, statistics, compute_stress, compile, zbl)
         check_sizes(hidden, interactions, max_z)
         self.hidden = hidden
         self.max_z = max_z

@@ -274,3 +274,20 @@ def test_another_budget_adopts_the_rounds_it_shares_with_a_sibling_state(tmp_pat
     # The final set is the first run's but its last structure, byte for byte.
     assert first.dataset.read_text().startswith(fewer.dataset.read_text())
     assert len(ase.io.read(fewer.dataset, ":")) == len(ase.io.read(first.dataset, ":")) - 1
+
+
+def test_the_repulsion_option_off_leaves_the_loops_state_key_as_it_was():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import mlff_distiller.train  # noqa: F401  (registers the trainer schema)
+    from mlff_distiller.distill.compose import loop_settings, model_key
+
+    with initialize_config_module(config_module="mlff_distiller.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=distill_chgnet_water"])
+    _, committee = loop_settings(cfg)
+    committee = OmegaConf.to_container(committee, resolve=True)
+    assert committee["zbl"] is False
+    # Rounds cached before the option existed were keyed by the same config without it: they stay valid.
+    assert model_key(committee) == {k: v for k, v in committee.items() if k != "zbl"}
+    assert model_key({**committee, "zbl": True})["zbl"] is True  # switched on, it is a different committee

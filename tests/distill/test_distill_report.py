@@ -137,7 +137,7 @@ def test_the_gate_run_beside_in_a_second_process_is_the_gate_run_here(distilled)
     _, model, _, _ = distilled
     seeds = seed_structures("CuAu", min_atoms=8, num_seeds=2)
     gate = GateConfig(nvt_ps=0.06, nve_ps=0.06, min_atoms=32, record_every=5)
-    task = (model, seeds[0].copy(), [600.0], gate, 1.5, 0, torch.float32)
+    task = (model, seeds[0].copy(), [600.0], gate, 1.5, {"Cu-Cu": 1.6}, 0, torch.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

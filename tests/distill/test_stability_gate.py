@@ -12,8 +12,9 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.morse import MorsePotential
 
-from mlff_distiller.distill.gate import GateConfig, advice, stability_gate, verdict
+from mlff_distiller.distill.gate import GateConfig, advice, contact_bounds, stability_gate, verdict
 from mlff_distiller.md.driver import MDSettings, run_md
+from mlff_distiller.md.stability import closest_contacts, closest_pairs
 
 SHORT = {"nvt_ps": 0.2, "nve_ps": 0.2, "min_atoms": 32, "record_every": 5}
 
@@ -71,6 +72,64 @@ def test_md_run_keeps_frames_after_equilibration_and_stops_with_a_reason():
     run = run_md(EMT(), copper(), squeezed, keep_frames=True)
     assert not run.stable and run.steps == 0 and run.frames == [] and "2.6" in run.reason
     assert math.isnan(run.energy_drift)
+
+
+def alloy():
+    """Cu fcc with its first 8 atoms turned into gold, rattled: Au-Au contacts at ~2.55 Å."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
+    atoms.numbers[:8] = 79
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def test_closest_pairs_are_each_element_pairs_smallest_distance():
+    atoms = alloy()
+    found = closest_pairs(atoms)
+    distances = atoms.get_all_distances(mic=True)
+    np.fill_diagonal(distances, np.inf)
+    gold = atoms.numbers == 79
+    expected = {
+        (29, 29): distances[np.ix_(~gold, ~gold)].min(),
+        (29, 79): distances[np.ix_(~gold, gold)].min(),
+        (79, 79): distances[np.ix_(gold, gold)].min(),
+    }
+    assert set(found) == set(expected)
+    for pair, (distance, i, j) in found.items():
+        assert distance == pytest.approx(expected[pair], abs=1e-9)
+        assert distances[i, j] == pytest.approx(distance, abs=1e-9)
+        assert sorted(atoms.numbers[[i, j]]) == list(pair)
+    contacts = closest_contacts([atoms, copper()])
+    assert list(contacts) == ["Cu-Cu", "Cu-Au", "Au-Au"]
+    assert contacts["Cu-Cu"] == pytest.approx(min(expected[(29, 29)], 3.61 / 2**0.5), abs=1e-9)
+
+
+def test_a_pair_bound_stops_a_run_the_global_bound_lets_through():
+    settings = MDSettings("nve", 300.0, 2.0, 40, thermo_interval=10, write_interval=10, min_distance=1.0)
+    assert run_md(EMT(), alloy(), settings).stable
+    settings.pair_min_distance = {"Au-Au": 3.0, "Cu-Cu": 1.0}
+    run = run_md(EMT(), alloy(), settings)
+    assert not run.stable and run.steps == 0
+    assert "(Au-Au) came" in run.reason and "closer than the Au-Au bound of 3.000 Å" in run.reason
+    settings.pair_min_distance = {"Au-Xx": 3.0}
+    with pytest.raises(ValueError, match="'Au-Xx' is not an element pair"):
+        run_md(EMT(), alloy(), settings)
+    settings.pair_min_distance = {"Au-Cu": -1.0}
+    with pytest.raises(ValueError, match=r"pair_min_distance\['Au-Cu'\]=-1.0"):
+        run_md(EMT(), alloy(), settings)
+
+
+def test_the_gate_holds_each_pair_to_its_bound_from_the_labelled_data():
+    atoms = alloy()
+    bounds = contact_bounds([atoms], 0.6)
+    assert bounds["Au-Au"] == pytest.approx(0.6 * closest_pairs(atoms)[(79, 79)][0])
+    metrics, reasons = stability_gate(EMT(), atoms, [300.0], GateConfig(**SHORT), 1.0, pair_bounds=bounds)
+    # NVT runs to its end (the strained alloy runs hot under EMT, which fails the gate, but not on a bound).
+    assert metrics["nvt/time_ps"] == pytest.approx(0.2)
+    assert not any("bound" in reason for reason in reasons)
+    assert metrics["min_distance_bound/Au-Au"] == bounds["Au-Au"]
+    # An Au-Au bound no fcc neighbour can meet: the gate fails on it, naming the pair.
+    metrics, reasons = stability_gate(EMT(), atoms, [300.0], GateConfig(**SHORT), 1.0, pair_bounds={"Au-Au": 3.0})
+    assert metrics["passed"] == 0.0 and "closer than the Au-Au bound of 3.000 Å" in reasons[0]
 
 
 def test_verdict_fails_on_bounds_missing_and_non_finite_metrics():

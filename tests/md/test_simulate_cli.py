@@ -102,6 +102,7 @@ def test_a_missing_engine_package_names_the_extra_before_any_work(inputs, tmp_pa
         ("dtype=float16", "dtype='float16'"),
         ("supercell=[2,2]", "supercell=[2, 2]"),
         ("engine=torchsim", "mlff-distiller[torchsim]"),
+        ("pair_min_distance={Cu-Xx:1.0}", "'Cu-Xx' is not an element pair"),
     ],
 )
 def test_bad_input_is_named_before_any_work(inputs, tmp_path, monkeypatch, override, message):
@@ -132,6 +133,17 @@ def test_an_exploding_run_stops_with_exit_code_4(inputs):
     assert "MD became unstable and was stopped" in result.stderr
     summary = json.loads((directory / "boom" / "summary.json").read_text())
     assert summary["md/stable"] == 0.0 and summary["md/steps"] < 400 and summary["md/reason"]
+
+
+def test_a_pair_bound_stops_the_run_with_exit_code_4_naming_the_pair(inputs):
+    directory, checkpoint = inputs
+    # Au-Au neighbours of the fcc cell are ~2.6 Å apart: a 3 Å bound for that pair alone is broken at once.
+    result = mlff_md(
+        directory, f"ckpt_path={checkpoint}", "structure=start.extxyz", "steps=20", "pair_min_distance={Au-Au:3.0}",
+        "hydra.run.dir=pairs",
+    )  # fmt: skip
+    assert result.returncode == 4, result.stderr
+    assert "(Au-Au) came" in result.stderr and "closer than the Au-Au bound of 3.000 Å" in result.stderr
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
