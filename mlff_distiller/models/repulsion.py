@@ -28,7 +28,8 @@ class ZBLRepulsion(nn.Module):
 
     Each pair's energy is split half to each atom, so the per-atom terms sum to the pair sum of a full
     (both directions) edge list. ``envelope_power`` p sets the switching polynomial
-    1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2), x = r / radius.
+    1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2), x = r / reach (value, slope and curvature
+    vanish at x = 1).
     """
 
     def __init__(self, max_z: int = 100, radius_factor: float = 1.0, envelope_power: int = 6) -> None:
@@ -40,7 +41,10 @@ class ZBLRepulsion(nn.Module):
         if envelope_power < 2:
             raise ValueError(f"envelope_power={envelope_power} must be >= 2 (a smooth switch-off).")
         self.radius_factor = float(radius_factor)
-        self.envelope_power = float(envelope_power)
+        self.envelope_power = int(envelope_power)
+        # The envelope is (1 - x)^3 times the first p terms of the series of (1 - x)^-3: the same polynomial,
+        # without the cancellation of its ~50-sized monomials near x = 1 (float32 put ~1e-5 of noise there).
+        self.envelope_coefficients = [0.5 * (k + 1) * (k + 2) for k in range(self.envelope_power)]
         # Attributes: TorchScript cannot read module-level constants.
         self.coulomb = COULOMB_EV_ANGSTROM
         self.screening_length = SCREENING_LENGTH_ANGSTROM
@@ -65,12 +69,9 @@ class ZBLRepulsion(nn.Module):
         phi = phi + c[3] * torch.exp(-d[3] * x)
         # Clamped so that pairs beyond the reach get exactly zero, with zero gradient.
         u = torch.clamp(distances / reach, max=1.0)
-        p = self.envelope_power
-        envelope = (
-            1.0
-            - 0.5 * (p + 1.0) * (p + 2.0) * u.pow(p)
-            + p * (p + 2.0) * u.pow(p + 1.0)
-            - 0.5 * p * (p + 1.0) * u.pow(p + 2.0)
-        )
+        series = torch.zeros_like(u)
+        for coefficient in self.envelope_coefficients[::-1]:  # Horner
+            series = series * u + coefficient
+        envelope = (1.0 - u).pow(3) * series
         pair = self.coulomb * zi * zj / distances * phi * envelope
         return torch.zeros(numbers.shape[0], dtype=distances.dtype, device=distances.device).index_add(0, i, 0.5 * pair)
