@@ -132,7 +132,8 @@ class StabilityGuard:
         if not self.pair_min_distance:
             return None
         worst = None
-        for pair, (distance, i, j) in closest_pairs(atoms).items():
+        reach = max(SEARCH_RADIUS, *self.pair_min_distance.values())  # a bound beyond 4 Å is still seen
+        for pair, (distance, i, j) in closest_pairs(atoms, reach).items():
             bound = self.pair_min_distance.get(pair)
             if bound is not None and distance < bound and (worst is None or distance / bound < worst[0]):
                 worst = (distance / bound, pair, distance, i, j, bound)

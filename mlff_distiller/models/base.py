@@ -39,8 +39,8 @@ class AtomisticModel(nn.Module):
     ``compile`` (false, true or "inductor", "fx") runs energy, forces and stress as one traced graph, so
     that a force loss needs only a first-order backward (see :mod:`~mlff_distiller.models.compiled`).
     ``zbl`` adds a screened nuclear repulsion to the energy (:class:`~.repulsion.ZBLRepulsion`, pairs closer
-    than the sum of their covalent radii): the network then learns the rest, and no extrapolation of it can
-    let two atoms fall into each other.
+    than the sum of their covalent radii): the network then learns the rest, and its extrapolation cannot pull
+    two atoms inside those radii.
     """
 
     def __init__(
