@@ -65,6 +65,7 @@ from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance,
 from ..training.callbacks import Callback
 from ..training.config import check_known_fields
 from .budget import total_teacher_calls
+from .gate import contact_bounds
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -190,8 +191,9 @@ class ActiveLoopConfig:
     dedup_tolerance: float = 0.01
     """Å / degrees; a candidate this close to a training structure (fingerprints) is a duplicate."""
     min_distance_fraction: float = 0.6
-    """Exploration frames whose closest atoms are nearer than this x the smallest distance in round 0 are
-    unphysical (the run stops there)."""
+    """Exploration frames whose closest atoms are nearer than this x the smallest distance in round 0, or two
+    atoms of an element pair nearer than this x that pair's closest contact in round 0, are unphysical (the run
+    stops there, and no such frame is a candidate)."""
     explore: ExploreConfig = field(default_factory=ExploreConfig)
     """How the students explore."""
     seed: int = 0
@@ -419,6 +421,9 @@ class ActiveLoop:
         forces = np.concatenate([atoms.get_forces().reshape(-1) for atoms in round0_structures])
         self.force_scale = float(forces.std())
         self.bound = self.config.min_distance_fraction * min(min_distance(a) for a in round0_structures)
+        # Per element pair too: in water the O-H bond sets the overall bound (0.49 Å), and a run whose oxygens
+        # met at 0.85 Å went on to give candidates (labelled by the teacher with forces of 40-60 eV/Å).
+        self.pair_bounds = contact_bounds(round0_structures, self.config.min_distance_fraction)
         state = self.state_directory()
         state.mkdir(parents=True, exist_ok=True)
         self.state = state
@@ -746,6 +751,7 @@ class ActiveLoop:
                 thermo_interval=explore.frame_interval,
                 write_interval=explore.frame_interval,
                 min_distance=self.bound,
+                pair_min_distance=self.pair_bounds,
                 seed=seed_from(self.config.seed, r, run, 13),
                 equilibration_steps=explore.equilibration_steps,
             )

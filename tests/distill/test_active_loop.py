@@ -291,3 +291,24 @@ def test_the_repulsion_option_off_leaves_the_loops_state_key_as_it_was():
     # Rounds cached before the option existed were keyed by the same config without it: they stay valid.
     assert model_key(committee) == {k: v for k, v in committee.items() if k != "zbl"}
     assert model_key({**committee, "zbl": True})["zbl"] is True  # switched on, it is a different committee
+
+
+def test_exploration_holds_each_element_pair_to_its_round_0_bound(tmp_path, monkeypatch):
+    """A run whose atoms of one pair meet (in water: oxygens at 0.85 Å, inside the overall O-H bound) stops, so
+    no such frame becomes a candidate; the driver's own test shows a pair bound stopping a run."""
+    import mlff_distiller.md.driver as driver
+    from mlff_distiller.distill.gate import contact_bounds
+    from mlff_distiller.teachers.labelling import read_labelled
+
+    seen = []
+    original = driver.run_md
+
+    def spy(model, atoms, settings, **kwargs):
+        seen.append(settings.pair_min_distance)
+        return original(model, atoms, settings, **kwargs)
+
+    monkeypatch.setattr(driver, "run_md", spy)
+    result = run_loop(tmp_path, "pairs", CountingEMT(), budget=BUDGET - 2)  # round 1 only
+    bounds = contact_bounds(read_labelled(result.round0), 0.6)
+    assert list(bounds) == ["Cu-Cu"] and seen
+    assert all(pairs == bounds for pairs in seen)
