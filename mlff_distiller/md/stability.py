@@ -28,29 +28,33 @@ SEARCH_RADIUS = 4.0
 """Å. Pairs farther apart than this are not looked at by :func:`closest_approach` (inf when none is closer)."""
 
 
+def _pair_distances(atoms: Any, radius: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """(edge_index (2, E), distances (E,)) of the pairs within ``radius``, periodic images included; None when a
+    position is not finite."""
+    positions = np.asarray(atoms.positions, dtype=np.float64)
+    if not np.isfinite(positions).all():
+        return None
+    edge_index, shifts = neighbor_list(positions, atoms.cell.array, atoms.pbc, radius)
+    i, j = edge_index
+    return edge_index, np.sqrt(((positions[j] - positions[i] + shifts @ atoms.cell.array) ** 2).sum(axis=1))
+
+
 def closest_approach(atoms: Any, radius: float = SEARCH_RADIUS) -> float:
     """Smallest distance between two atoms of ``atoms`` (Å), periodic images included; inf when no pair is
     within ``radius``, NaN when a position is not finite."""
-    positions = np.asarray(atoms.positions, dtype=np.float64)
-    if not np.isfinite(positions).all():
+    pairs = _pair_distances(atoms, radius)
+    if pairs is None:
         return math.nan
-    edge_index, shifts = neighbor_list(positions, atoms.cell.array, atoms.pbc, radius)
-    if edge_index.shape[1] == 0:
-        return math.inf
-    i, j = edge_index
-    vectors = positions[j] - positions[i] + shifts @ atoms.cell.array
-    return float(np.sqrt((vectors**2).sum(axis=1).min()))
+    return float(pairs[1].min()) if pairs[1].size else math.inf
 
 
 def closest_pairs(atoms: Any, radius: float = SEARCH_RADIUS) -> dict[tuple[int, int], tuple[float, int, int]]:
     """Per element pair (atomic numbers, smaller first) within ``radius``: the smallest distance (Å, periodic
     images included) and the two atoms' indices."""
-    positions = np.asarray(atoms.positions, dtype=np.float64)
-    edge_index, shifts = neighbor_list(positions, atoms.cell.array, atoms.pbc, radius)
-    if edge_index.shape[1] == 0 or not np.isfinite(positions).all():
+    pairs = _pair_distances(atoms, radius)
+    if pairs is None or not pairs[1].size:
         return {}
-    i, j = edge_index
-    distances = np.sqrt(((positions[j] - positions[i] + shifts @ atoms.cell.array) ** 2).sum(axis=1))
+    (i, j), distances = pairs
     numbers = np.asarray(atoms.numbers)
     low, high = np.minimum(numbers[i], numbers[j]), np.maximum(numbers[i], numbers[j])
     found: dict[tuple[int, int], tuple[float, int, int]] = {}
