@@ -77,6 +77,46 @@ def test_an_undertrained_student_fails_its_verdict_with_exit_code_3(tmp_path):
     assert "mlff-train: error: the distilled student failed its verdict" in result.stderr and "Try:" in result.stderr
 
 
+def test_a_gate_failure_is_learned_from_in_a_refinement_pass(tmp_path):
+    """A gate whose bound sits just under the crystal's contacts fails by instability; one refinement pass labels
+    frames from before the failure (within the budget), adds them to the training split only, trains on and
+    reports again; the first report moves aside and the verdict is the refined student's."""
+    result = run_cli(
+        tmp_path,
+        "distill.teacher_budget=75",
+        "distill_report.gate.min_distance_fraction=0.97",
+        "distill_report.refine.passes=1",
+        "distill_report.refine.frames=4",
+        "distill_report.refine.epochs=3",
+    )
+    output = result.stdout + result.stderr
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert result.returncode == (0 if metrics["distill/verdict"] == "pass" else EXIT_VERDICT_FAILED), output[-4000:]
+    first = json.loads((run / "refine" / "pass_0" / "distill_report.json").read_text())
+    assert first["gate/passed"] == 0.0 and "became unstable" in first["reasons"][0]
+    assert metrics["distill/refine/pass_1/gate_reasons"] == first["reasons"][:1]
+    # The budget left after the loop pays for the frames: 75 calls in all, at most 4 frames.
+    loop_calls = first["teacher_calls/train"]
+    assert metrics["distill/refine/frames"] == min(4, 75 - loop_calls) > 0
+    assert metrics["distill/teacher_calls/train"] == loop_calls + metrics["distill/refine/teacher_calls"] <= 75
+    labelled = ase.io.read(run / "refine" / "pass_1" / "labelled.extxyz", ":")
+    assert len(labelled) == metrics["distill/refine/frames"]
+    assert all(a.info["provenance"].startswith("gate:segment=nvt:step=") for a in labelled)
+    assert all(a.info["config_type"] == "gate_failure" and "forces" in a.calc.results for a in labelled)
+    # The frames are the last of those kept before the failure, the very last included.
+    window = ase.io.read(run / "refine" / "pass_0" / "gate_failure_frames.extxyz", ":")
+    assert labelled[-1].info["step"] == window[-1].info["step"] < first["gate/nvt/time_ps"] * 1000 / 2
+    # Training split + the frames; validation and test the same structures as before (the test set of both reports).
+    sets = {name: ase.io.read(run / "refine" / "pass_1" / f"{name}.extxyz", ":") for name in ("train", "val", "test")}
+    assert sum(a.info.get("config_type") == "gate_failure" for a in sets["train"]) == len(labelled)
+    assert not any(a.info.get("config_type") == "gate_failure" for a in sets["val"] + sets["test"])
+    assert len(sets["test"]) == first["test/num_structures"] == metrics["distill/test/num_structures"]
+    assert metrics["distill/student_checkpoint"] == str(run / "checkpoints" / "refine_1" / "best_model.pt")
+    assert Path(metrics["distill/student_checkpoint"]).is_file() and (run / "checkpoints" / "best_model.pt").is_file()
+    assert "refinement pass 1: labelling" in output
+
+
 def test_a_budget_too_small_for_the_splits_stops_before_any_work(tmp_path):
     # per_round is no limit here: the 80-call budget is, once round 0's MD and seed are paid.
     result = run_cli(tmp_path, "distill.per_round=1000", "data.num_test=70", f"data.source.cache_dir={tmp_path / 'c'}")

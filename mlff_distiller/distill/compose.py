@@ -150,12 +150,24 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
 
 def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loop: LoopResult | None) -> dict[str, Any]:
     """The final student (best checkpoint, EMA weights) vs the teacher: the report and its verdict, as
-    ``distill/...`` metrics (see :func:`mlff_distiller.distill.report.distillation_report`)."""
+    ``distill/...`` metrics (see :func:`mlff_distiller.distill.report.distillation_report`).
+
+    When the gate's MD became unstable and ``distill_report.refine.passes`` allows, the student learns from it
+    (:mod:`.refine`): the frames before the failure are labelled and added to its training split, it trains on
+    in ``checkpoints/refine_<p>/``, and the report runs again; the last report is the run's. Each earlier report's
+    files move to ``refine/pass_<p>/``. Then the refined student's test split is returned as ``test/...`` too,
+    and ``distill/student_checkpoint`` names the checkpoint the verdict speaks of."""
+    from ase.io import read
+    from hydra.utils import instantiate
+
     from ..data.dataset import read_labelled_structures
     from ..teachers.calculators import make_calculator
+    from ..teachers.labelling import read_labelled
     from ..teachers.structures import min_distance
-    from ..training import load_model_weights
-    from .report import ReportConfig, distillation_report, print_report
+    from ..training import ConsoleLogger, load_model_weights
+    from .budget import total_teacher_calls
+    from .refine import fine_tune, frames_within_budget, label_like_round0, pick_frames, write_pass_sets
+    from .report import GATE_FAILURE_FRAMES, ReportConfig, distillation_report, print_report
 
     best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
     if best is None or not best.is_file() or not hasattr(data, "split_indices"):
@@ -170,35 +182,102 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
         targets = list(cfg.distill.explore.temperatures)
     if not targets:
         raise CLIError("distill_report needs target temperatures (data.source.temperatures) for its MD.")
-    started = time.perf_counter()
-    student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
-    structures = read_labelled_structures(data.path)
-    test = [structures[i] for i in data.split_indices["test"]]
+    budget = loop_settings(cfg)[0].teacher_budget if cfg.get("distill") is not None else None
     teacher = make_calculator(cfg.teacher.name, **OmegaConf.to_container(cfg.teacher.kwargs, resolve=True))
     # The closest-approach bound comes from round 0 (the sampled set), as in the loop's exploration: the
     # explored structures the loop added may hold closer contacts, which must not loosen the gate.
-    sampled = read_labelled_structures(loop.round0) if loop is not None else structures
+    sampled = read_labelled_structures(loop.round0 if loop is not None else data.split_files["train"])
     bound = config.gate.min_distance_fraction * min(min_distance(atoms) for atoms in sampled)
     pair_bounds = contact_bounds(sampled, config.gate.min_distance_fraction)
-    report = distillation_report(
-        student,
-        teacher,
-        test,
-        output_dir,
-        sampling.teacher_seeds(teacher),  # the cells round 0 sampled (cached volumes: no new teacher calls)
-        targets,
-        config,
-        loop,
-        bound,
-        seed=int(cfg.seed or 0),
-        pair_bounds=pair_bounds,
-    )
-    report["time/final_training_s"] = round(sum(trainer.history.get("epoch_time_s", [])), 2)
-    report["time/report_s"] = round(time.perf_counter() - started, 2)
-    if loop is not None:
-        report["time/total_s"] = round(time.perf_counter() - loop.started, 2)
-    print_report(report)
-    return {f"distill/{name}": value for name, value in report.items()}
+    used = loop.teacher_calls_train if loop is not None else 0
+    refined: dict[str, Any] = {}
+    final_training = round(sum(trainer.history.get("epoch_time_s", [])), 2)
+    added: list[Path] = []
+    extra: dict[str, Any] = {}
+    for p in range(config.refine.passes + 1):
+        started = time.perf_counter()
+        best = trainer.checkpoint_dir / "best_model.pt"
+        student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
+        test_file = data.split_files["test"]
+        test = [read_labelled_structures(test_file)[i] for i in data.split_indices["test"]]
+        report = distillation_report(
+            student,
+            teacher,
+            test,
+            output_dir,
+            sampling.teacher_seeds(teacher),  # the cells round 0 sampled (cached volumes: no new teacher calls)
+            targets,
+            config,
+            loop,
+            bound,
+            seed=int(cfg.seed or 0),
+            pair_bounds=pair_bounds,
+            refined=refined,
+        )
+        report["time/final_training_s"] = final_training
+        report["time/report_s"] = round(time.perf_counter() - started, 2)
+        report["student_checkpoint"] = str(best)
+        if loop is not None:
+            report["time/total_s"] = round(time.perf_counter() - loop.started, 2)
+        print_report(report)
+        failure = output_dir / GATE_FAILURE_FRAMES
+        if p == config.refine.passes or report.get("gate/passed") == 1.0 or not failure.is_file():
+            break
+        count = frames_within_budget(
+            config.refine.frames,
+            budget,
+            used + refined.get("refine/teacher_calls", 0),
+            sampling.teacher_calls_per_structure(),
+        )
+        if count == 0:
+            log.warning("The gate failed, but distill.teacher_budget=%s leaves no teacher call to refine with.", budget)
+            break
+        # This pass's report files move aside: the next report is the run's.
+        archive = output_dir / "refine" / f"pass_{p}"
+        archive.mkdir(parents=True, exist_ok=True)
+        for path in sorted(output_dir.iterdir()):
+            if path.is_file() and path.suffix != ".log" and path.stat().st_mtime >= started:
+                path.rename(archive / path.name)
+        clock = time.perf_counter()
+        step = p + 1
+        work = output_dir / "refine" / f"pass_{step}"
+        frames = pick_frames(read(archive / GATE_FAILURE_FRAMES, ":"), count)
+        log.info(
+            "The gate's MD of the student became unstable; refinement pass %d: labelling %d of its frames before the "
+            "failure, then training on for %d epochs.",
+            step,
+            len(frames),
+            config.refine.epochs,
+        )
+        labelled = label_like_round0(frames, sampling, teacher, work / "labelled.extxyz", sampling.seed + 100 + step)
+        added.append(labelled)
+        sets = write_pass_sets(data, added, work)
+        data = instantiate(cfg.data, path=str(sets["train"]), val_path=str(sets["val"]), test_path=str(sets["test"]))
+        model = load_model_weights(copy.deepcopy(trainer.model), best)
+        scheduler = cfg.get("scheduler")
+        trainer = fine_tune(
+            model,
+            data,
+            trainer.config,
+            output_dir / "checkpoints" / f"refine_{step}",
+            config.refine.epochs,
+            instantiate(cfg.loss),
+            instantiate(cfg.optimizer),
+            instantiate(scheduler) if scheduler and "_target_" in scheduler else None,
+            loggers=[ConsoleLogger(metrics=("train/loss", "val/loss", "val/force_mae"))],
+        )
+        calls = total_teacher_calls(read_labelled(labelled))
+        refined = {
+            **refined,
+            "refine/passes": float(step),
+            "refine/frames": refined.get("refine/frames", 0.0) + len(frames),
+            "refine/teacher_calls": refined.get("refine/teacher_calls", 0) + calls,
+            "refine/seconds": refined.get("refine/seconds", 0.0) + round(time.perf_counter() - clock, 2),
+            f"refine/pass_{step}/gate_reasons": [r for r in report["reasons"] if "unstable" in r or "apart" in r],
+        }
+        extra = trainer.evaluate_checkpoint(trainer.checkpoint_dir / "best_model.pt", data.test_loader(), "test")
+    out = {f"distill/{name}": value for name, value in report.items()}
+    return {**extra, **out}
 
 
 def check_verdict(metrics: dict[str, Any]) -> None:

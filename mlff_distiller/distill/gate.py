@@ -77,9 +77,19 @@ class GateConfig:
     """Run the student of the gate as one compiled graph (true or "inductor"; "fx"; false: eager): on one
     thread a PaiNN step of a 108-atom cell took 8.9 ms compiled vs 24.6 ms eager, after 15-50 s of compilation
     (``benchmarks/gate_step.py``), so it pays for gates of a few ps and more."""
+    failure_window_ps: float = 1.0
+    """When a run becomes unstable, its sane frames (every ``record_every`` steps) of this many ps before it
+    did are kept (``gate_failure_frames.extxyz``): where the student went wrong, for the refinement to label."""
 
     def __post_init__(self) -> None:
-        for name in ("nvt_ps", "nve_ps", "temperature_factor", "temperature_tolerance", "max_nve_drift"):
+        for name in (
+            "nvt_ps",
+            "nve_ps",
+            "temperature_factor",
+            "temperature_tolerance",
+            "max_nve_drift",
+            "failure_window_ps",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"distill_report.gate.{name}={value!r} is invalid: it must be a finite number >= 0.")
@@ -121,12 +131,15 @@ def stability_gate(
     min_distance_bound: float,
     seed: int = 0,
     pair_bounds: Mapping[str, float] | None = None,
+    failure_frames: list[Atoms] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Run the gate (see the module docstring) with ``calculator`` (a
     :class:`~mlff_distiller.md.potential.StudentPotential` or any ASE calculator) from ``reference`` (repeated to
     ``config.min_atoms`` atoms when periodic), through :func:`mlff_distiller.md.driver.run_md` and its stability
     check, which also holds each element pair to its ``pair_bounds`` entry (Å, by name: ``{"H-H": 0.78}``).
-    Returns (metrics, reasons it failed; empty when it passed).
+    Returns (metrics, reasons it failed; empty when it passed). A run that becomes unstable appends its sane
+    frames of the last ``config.failure_window_ps`` before it did to ``failure_frames`` (when given), each with
+    ``info["gate_segment"]``, ``info["step"]`` and ``info["time_ps"]`` (of that segment).
 
     Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound`` (and
     ``min_distance_bound/<pair>`` for each pair bound), ``timestep_fs``, per
@@ -170,7 +183,15 @@ def stability_gate(
             keep_velocities=ensemble == "nve" and config.nvt_ps > 0,
             equilibration_steps=min(equilibration_steps, steps),
         )
-        summary = run_md(calculator, start, settings)
+        keep = failure_frames is not None and config.failure_window_ps > 0
+        # The NVT run's first half is equilibration only for its mean temperature: a failure there counts too.
+        summary = run_md(calculator, start, settings, keep_frames=keep, keep_equilibration=True)
+        if keep and not summary.stable:
+            since = summary.time_ps - config.failure_window_ps
+            for frame in summary.frames:
+                if frame.info["time_ps"] >= since:
+                    frame.info["gate_segment"] = name
+                    failure_frames.append(frame)
         fields = ["time_ps", "min_distance", "mean_temperature", "ns_per_day"]
         fields += ["energy_drift", "max_energy_deviation"] if ensemble == "nve" else []
         metrics.update({f"{name}/{field}": float(getattr(summary, field)) for field in fields})
@@ -225,7 +246,8 @@ def advice(reasons: list[str]) -> str:
     if "unstable" in text or "apart" in text:
         tips.append(
             "explore more where MD fails: more rounds or a larger budget (distill.rounds, distill.teacher_budget, "
-            "distill.per_round), exploration at the gate's temperature (distill.explore.hot_factor)"
+            "distill.per_round), exploration at the gate's temperature (distill.explore.hot_factor), or learn from "
+            "the gate's own failure (distill_report.refine.passes, with budget left for its frames)"
         )
     if "drift" in text or "temperature" in text:
         tips.append(

@@ -66,6 +66,7 @@ from ..training.callbacks import Callback
 from ..training.config import check_known_fields
 from .budget import total_teacher_calls
 from .gate import contact_bounds
+from .refine import label_like_round0
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -481,7 +482,6 @@ class ActiveLoop:
         return path
 
     def _round(self, r: int, used: int) -> dict[str, Any]:
-        from ..teachers.calculators import CalculatorSpec
         from ..teachers.labelling import keep_first_structures, label_structures, read_labelled
 
         directory = self._round_dir(r)
@@ -546,19 +546,13 @@ class ActiveLoop:
         keep_first_structures(directory / "labelled.extxyz", len(selected))  # adopted beyond this selection
         if selected:
             # The round's labels are round 0's kind (data.source): the same rows, site energies and workers.
-            s = self.sampling
-            labelled_path = label_structures(
+            labelled_path = label_like_round0(
                 selected,
-                CalculatorSpec(s.teacher, s.teacher_kwargs) if s.label_workers > 1 else self.teacher,
+                self.sampling,
+                self.teacher if self.sampling.label_workers == 1 else None,
                 directory / "labelled.extxyz",
-                chunk_size=s.chunk_size,
-                progress=self.config.progress,
-                hessian_rows=s.hessian_rows,
-                hessian_delta=s.hessian_delta,
-                hessian_seed=s.seed + r,
-                hessian_method=s.hessian_method,
-                site_energies=s.site_energies,
-                workers=s.label_workers,
+                self.sampling.seed + r,
+                self.config.progress,
             )
             calls = total_teacher_calls(read_labelled(labelled_path))
         seconds["label"] = time.perf_counter() - clock

@@ -12,7 +12,8 @@ test split and the system's seed structures, and measures
   (periodic systems: supercells of about 32 and 256 atoms) (``speed/...``);
 - the stability gate (:mod:`.gate`: NVT at 1.5x the highest target temperature, then NVE) (``gate/...``); with
   ``parallel`` it runs in a second one-thread process beside the observables (the two longest parts, on two
-  cores), and ``gate.compile`` runs its student as a compiled graph;
+  cores), and ``gate.compile`` runs its student as a compiled graph; when its MD becomes unstable, the sane
+  frames before it did go to ``gate_failure_frames.extxyz`` (``refine`` passes learn from them, :mod:`.refine`);
 - observables, student vs teacher (:mod:`.observables`: equation of state and bulk modulus, vibrational
   frequencies, RDF, by the kind of system) (``observables/...``);
 - the active loop's rounds when there was one: teacher calls per round, fresh-frame error per round
@@ -45,6 +46,7 @@ from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance,
 from ..training.config import check_known_fields
 from .budget import total_teacher_calls
 from .gate import GateConfig, advice, contact_bounds, stability_gate, verdict
+from .refine import RefineConfig
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -55,6 +57,10 @@ log = logging.getLogger(__name__)
 
 FRESH_FRICTION_PER_PS = 20.0
 """Langevin friction of the fresh-frame MD, 1/ps (the exploration's)."""
+
+GATE_FAILURE_FRAMES = "gate_failure_frames.extxyz"
+"""Written by the report when the gate's MD became unstable: its sane frames of the last
+``gate.failure_window_ps`` before it did (unlabelled; the refinement labels some)."""
 
 SPEED_SIZES = (32, 256)
 """Atoms in the structures timed for speed (periodic systems; at least this many)."""
@@ -83,6 +89,8 @@ class ReportConfig:
     parallel: bool = False
     """Run the stability gate in a second (spawned, one-thread) process while this one, on one thread, computes
     the observables: the two longest parts of the report on the two cores of a small machine."""
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    """Refinement passes when the gate's MD becomes unstable (:mod:`.refine`; ``mlff-train`` runs them)."""
     bounds: dict[str, float] = field(default_factory=lambda: {"fresh/force_mae_rel": 0.05})
     """Metric name -> largest accepted value, part of the verdict (a bound on a metric not measured fails; a
     null value removes the bound)."""
@@ -90,6 +98,9 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if isinstance(self.gate, Mapping):
             self.gate = GateConfig(**dict(self.gate))
+        if isinstance(self.refine, Mapping):
+            check_known_fields(RefineConfig, self.refine, "distill_report.refine option")
+            self.refine = RefineConfig(**dict(self.refine))
         self.observables = dict(self.observables) if self.observables is not None else None
         # A null bound removes one set elsewhere (a recipe that does not measure that metric).
         self.bounds = {str(k): float(v) for k, v in dict(self.bounds).items() if v is not None}
@@ -188,17 +199,32 @@ def fresh_frames(
 
 
 # ---------------------------------------------------------------------- the gate, here or beside
-def _gate_job(task: tuple) -> tuple[dict[str, float], list[str]]:
-    """:func:`~.gate.stability_gate` of the final student (a picklable task: it may run in a spawned process)."""
+def _gate_job(task: tuple) -> tuple[dict[str, float], list[str], list[Atoms]]:
+    """:func:`~.gate.stability_gate` of the final student (a picklable task: it may run in a spawned process):
+    (metrics, reasons, the frames before a failure)."""
     from ..calculator import StudentCalculator
 
     model, reference, temperatures, config, bound, pair_bounds, seed, dtype = task
     calculator = StudentCalculator(model, dtype=dtype, compile=config.compile)
-    metrics, reasons = stability_gate(calculator, reference, temperatures, config, bound, seed, pair_bounds)
+    frames: list[Atoms] = []
+    metrics, reasons = stability_gate(calculator, reference, temperatures, config, bound, seed, pair_bounds, frames)
     graphs = getattr(calculator.model, "compiled", None)
     # 1.0 when the student ran as a compiled graph (a failed trace or compilation falls back to eager, with a warning)
     metrics["compiled"] = float(graphs is not None and any(g is not None for g in graphs.graphs.values()))
-    return metrics, reasons
+    # Plain copies: the frames carry the gate's masses (heavy hydrogen) and momenta, which labels must not.
+    kept = [
+        fresh_copy(
+            frame,
+            provenance=f"gate:segment={frame.info['gate_segment']}:step={frame.info['step']}",
+            config_type="gate_failure",
+            gate_segment=frame.info["gate_segment"],
+            step=int(frame.info["step"]),
+            time_ps=float(frame.info["time_ps"]),
+            temperature_K=float(metrics["temperature_K"]),
+        )
+        for frame in frames
+    ]
+    return metrics, reasons, kept
 
 
 @contextlib.contextmanager
@@ -311,6 +337,7 @@ def distillation_report(
     student_dtype: torch.dtype = torch.float32,
     seed: int = 0,
     pair_bounds: Mapping[str, float] | None = None,
+    refined: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, fresh frames, speed, stability gate, observables and the verdict (see the module docstring).
 
@@ -329,6 +356,8 @@ def distillation_report(
         pair_bounds: the gate's bound per element pair (Å, ``{"H-H": 0.78}``); default
             ``gate.min_distance_fraction`` x each pair's closest contact in the test split.
         student_dtype: precision of the student in the speed and MD runs.
+        refined: ``refine/...`` metrics of the refinement passes that made this student (:mod:`.refine`), kept in
+            the report; their ``refine/teacher_calls`` count in ``teacher_calls/train``.
 
     Returns flat metrics (``test/...``, ``fresh/...``, ``speed/...``, ``gate/...``, ``observables/...``,
     ``loop/...``, ``teacher_calls/...``, ``time/...``), ``verdict`` (``"pass"``/``"fail"``) and ``reasons``
@@ -416,8 +445,15 @@ def distillation_report(
             precise = StudentCalculator(student, dtype=torch.float64)
             metrics.update(observables_report(precise, teacher, reference, output, seed=seed, **config.observables))
             times["observables_s"] = time.perf_counter() - clock
-    gate_metrics, gate_reasons = gate_result()
+    gate_metrics, gate_reasons, failure_frames = gate_result()
     metrics.update({f"gate/{name}": value for name, value in gate_metrics.items()})
+    failure_path = output / GATE_FAILURE_FRAMES
+    failure_path.unlink(missing_ok=True)  # a rerun's file must not speak of another student
+    if failure_frames:
+        from ase.io import write
+
+        write(failure_path, failure_frames, format="extxyz")
+        metrics["gate/failure_frames"] = float(len(failure_frames))
     times["gate_s"] = gate_metrics["seconds"]
 
     curve: list[tuple[float, float, str]] = []
@@ -426,8 +462,12 @@ def distillation_report(
         metrics.update(loop.metrics())
         rounds = loop.rounds
         curve = [(calls, ratio, f"round {i + 1}") for i, (calls, ratio) in enumerate(loop.learning_curve())]
-        if "fresh/force_mae_rel" in metrics:
-            curve.append((loop.teacher_calls_train, metrics["fresh/force_mae_rel"], "final"))
+    if refined:
+        metrics.update(refined)
+        if "teacher_calls/train" in metrics:
+            metrics["teacher_calls/train"] += refined.get("refine/teacher_calls", 0)
+    if loop is not None and "fresh/force_mae_rel" in metrics:
+        curve.append((metrics["teacher_calls/train"], metrics["fresh/force_mae_rel"], "final"))
     metrics.update({f"time/report/{name}": round(value, 2) for name, value in times.items()})
 
     outcome, reasons = verdict(gate_reasons, metrics, config.bounds)

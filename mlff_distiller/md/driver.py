@@ -182,6 +182,7 @@ def run_md(
     start_step: int = 0,
     engine_options: dict[str, Any] | None = None,
     keep_frames: bool = False,
+    keep_equilibration: bool = False,
 ) -> MDSummary:
     """Run MD of ``atoms`` with ``model`` in ``engine`` and return its summary (also when it became unstable).
 
@@ -197,6 +198,7 @@ def run_md(
         start_step: the step ``atoms`` is at (resuming a run from its ``restart.traj``).
         engine_options: extra keyword arguments for the engine (see each engine's class).
         keep_frames: keep the frames of :attr:`MDSummary.frames` in memory.
+        keep_equilibration: with ``keep_frames``, keep those of the equilibration steps too.
     """
     from ..calculator import StudentCalculator
     from .engines import make_engine
@@ -226,7 +228,8 @@ def run_md(
     frames: list[Any] = []
 
     def keep(frame: Any) -> None:
-        if keep_frames and step > settings.equilibration_steps and step % settings.write_interval == 0:
+        kept_from = 0 if keep_equilibration else settings.equilibration_steps
+        if keep_frames and step > kept_from and step % settings.write_interval == 0:
             kept = frame.copy()
             kept.info.update(step=step, time_ps=step * settings.timestep_fs * 1e-3)
             frames.append(kept)

@@ -55,6 +55,28 @@ def test_a_collapsing_potential_fails_on_the_closest_approach():
     assert metrics["nvt/time_ps"] < 0.2 and "nve/time_ps" not in metrics  # NVE is not run after a failed NVT
 
 
+def test_a_failed_gate_keeps_its_sane_frames_of_the_window_before_the_failure():
+    collapsing = MorsePotential(epsilon=1.0, r0=1.0, rho0=3.0, rcut1=3.0, rcut2=4.0)
+    config = GateConfig(**SHORT, failure_window_ps=0.03)
+    frames = []
+    metrics, reasons = stability_gate(collapsing, copper(), [300.0], config, 1.5, failure_frames=frames)
+    failed_at = metrics["nvt/time_ps"]
+    # Every 5 steps of 2 fs (10 fs) in the last 30 fs, the equilibration half of NVT included, all above the bound.
+    times = [frame.info["time_ps"] for frame in frames]
+    assert frames and reasons and all(failed_at - 0.03 <= t < failed_at for t in times)
+    assert np.allclose(np.diff(times), 0.01) and failed_at - times[-1] == pytest.approx(0.01)
+    assert all(frame.info["gate_segment"] == "nvt" for frame in frames)
+    assert all(min_distance_of(frame) > 1.5 for frame in frames)
+    kept = []
+    stability_gate(EMT(), copper(), [300.0], GateConfig(**SHORT), 1.5, failure_frames=kept)
+    assert kept == []  # a gate that passes keeps nothing
+
+
+def min_distance_of(atoms):
+    distances = atoms.get_all_distances(mic=True)
+    return distances[np.triu_indices(len(atoms), 1)].min()
+
+
 def test_an_energy_that_is_not_the_forces_potential_fails_on_drift():
     metrics, reasons = stability_gate(CreepingEMT(), copper(), [300.0], GateConfig(**SHORT), min_distance_bound=1.5)
     # 0.2 meV/atom per call, one call per 2 fs step: about 100 meV/atom/ps.
