@@ -19,7 +19,11 @@ memory, the Trainer's default; ``--default-malloc`` turns it off): it is process
 first run; ``--default-malloc`` measures both with the allocator's default behaviour.
 
     python benchmarks/trainer_overhead.py [--task default|light] [--repeats 5] [--epochs 2] [--threads 1]
-        [--clock wall|cpu] [--default-malloc]
+        [--clock wall|cpu] [--default-malloc] [--device cpu|cuda]
+
+On a GPU (``--device cuda``) the bare loop never waits for the device inside an epoch, while the Trainer waits
+once per step (its non-finite check reads a flag): the ratios include that wait. Both totals include all queued
+work (each epoch's checkpoint waits for it).
 
 Prints the median optimizer-step time and total time per side and the Trainer/bare ratios of those medians,
 then each round's ratios with their median (the paired estimate: a round's two runs share the load of the
@@ -56,6 +60,8 @@ clock = time.perf_counter
 """What both sides time with; ``--clock cpu`` makes it this thread's CPU time, which other processes on a shared
 machine disturb far less than wall time (but which leaves out waiting on the disk: the Trainer's fsyncs)."""
 keep_memory = True
+device = torch.device("cpu")
+"""Where both sides train (``--device``): the Trainer moves each batch there itself, the bare loop in its loop."""
 
 
 @dataclass
@@ -96,7 +102,7 @@ def exact_means(epoch_terms: list[dict[str, Any]], weights: list[int]) -> dict[s
 
 def bare_loop(task: Task, epochs: int, run_dir: Path) -> tuple[list[float], float]:
     """The hand-written loop: the same work as the Trainer, written as plainly as possible."""
-    model, loss_fn = task.make_student(task.data), task.make_loss()
+    model, loss_fn = task.make_student(task.data).to(device), task.make_loss()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=1e-5)
     params = list(model.parameters())
@@ -111,6 +117,7 @@ def bare_loop(task: Task, epochs: int, run_dir: Path) -> tuple[list[float], floa
         epoch_terms, weights = [], []
         last = clock()
         for batch in train_loader:
+            batch = batch.to(device)
             terms = loss_fn(model, batch)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -130,7 +137,7 @@ def bare_loop(task: Task, epochs: int, run_dir: Path) -> tuple[list[float], floa
         torch._foreach_copy_([p.data for p in params], ema)
         for p in params:
             p.requires_grad_(False)
-        maes = [loss_fn(model, batch)["force_mae"] for batch in val_loader]  # (total, count) pairs
+        maes = [loss_fn(model, batch.to(device))["force_mae"] for batch in val_loader]  # (total, count) pairs
         val = sum(m.total for m in maes) / sum(m.count for m in maes)
         for p in params:
             p.requires_grad_(True)
@@ -177,7 +184,7 @@ def with_trainer(task: Task, epochs: int, run_dir: Path) -> tuple[list[float], f
         monitor="val/force_mae",
         ema_decay=EMA_DECAY,
         keep_freed_memory=keep_memory,
-        device="cpu",
+        device=str(device),
     )
     trainer = Trainer(
         model=model,
@@ -208,9 +215,11 @@ def main() -> None:
         "--default-malloc", action="store_true", help="leave glibc's allocator as it comes (no keep_freed_memory)"
     )
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides train")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global clock, keep_memory
+    global clock, keep_memory, device
+    device = torch.device(args.device)
     keep_memory = not args.default_malloc
     if keep_memory:
         keep_freed_memory()  # what the Trainer's fit() does, for both sides from the start
@@ -231,8 +240,8 @@ def main() -> None:
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
     print(
         f"{task.description}: {len(data.datasets['train'])} train / {len(data.datasets['val'])} val structures, "
-        f"batch {data.batch_size}, {args.epochs} epochs, EMA, checkpoint + validation every epoch; {args.threads} "
-        f"thread(s), {args.repeats} alternating runs, medians, {args.clock} clock, malloc "
+        f"batch {data.batch_size}, {args.epochs} epochs, EMA, checkpoint + validation every epoch; {device}, "
+        f"{args.threads} thread(s), {args.repeats} alternating runs, medians, {args.clock} clock, malloc "
         f"{'as it comes' if args.default_malloc else 'keeping freed memory'}"
     )
     print(f"{'loop':<10}{'median step (ms)':>18}{'total (s)':>12}")

@@ -63,7 +63,7 @@ class EpochProgress:
         restore_rng_state(self.rng)
         generator = loader_generator(loader)
         if self.loader_generator is not None and generator is not None:
-            generator.set_state(self.loader_generator)
+            generator.set_state(self.loader_generator.cpu())
         if getattr(loader, "persistent_workers", False) and not hasattr(sampler, "set_epoch"):
             log.warning(
                 "Resuming inside an epoch with persistent DataLoader workers and a random sampler: the loader "

@@ -51,17 +51,19 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
+    """Inverse of :func:`capture_rng_state`. The states may arrive on another device (a checkpoint read with
+    ``map_location="cuda"``); torch takes RNG states as CPU byte tensors only."""
+    torch.set_rng_state(state["torch"].cpu())
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if "numpy" in state:
         import numpy as np
 
         s = state["numpy"]
-        np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
+        keys = s["keys"].cpu().numpy().astype("uint32")
+        np.random.set_state((s["name"], keys, s["pos"], s["has_gauss"], s["gauss"]))
 
 
 def _to_lists(value: Any) -> Any:

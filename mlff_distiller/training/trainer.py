@@ -539,7 +539,7 @@ class Trainer:
         restore_rng_state(state["rng"])
         generator = loader_generator(self.train_loader)
         if state["loader_generator"] is not None and generator is not None:
-            generator.set_state(state["loader_generator"])
+            generator.set_state(state["loader_generator"].cpu())  # a CUDA map_location moved it
         for name, callback_state in state["callbacks"].items():
             if callable(getattr(self.callbacks.get(name), "load_state_dict", None)):
                 self.callbacks[name].load_state_dict(callback_state)
