@@ -79,6 +79,29 @@ def energy_function(model: torch.nn.Module, batch: AtomsBatch) -> Callable[[torc
     return energy
 
 
+def assert_forces_are_minus_the_gradient(model: torch.nn.Module, batch: AtomsBatch) -> None:
+    """Central differences of the energy (eps 1e-5 Å) along 3 random directions and 4 single coordinates equal
+    -F.d within 1e-6 of the force scale (float64, on the batch's device)."""
+    _, forces = predict(model, batch)
+    energy = energy_function(model, batch)
+    positions = batch[keys.POSITIONS]
+    device = positions.device
+    scale = float(forces.pow(2).mean().sqrt())
+    assert scale > 1e-6, "forces vanish: the check below would be vacuous"
+    rng = np.random.default_rng(1)
+    eps = 1e-5
+    directions = [torch.tensor(rng.normal(size=positions.shape), device=device) for _ in range(3)]
+    for index in rng.choice(positions.numel(), 4, replace=False):  # a few single coordinates as well
+        unit = torch.zeros(positions.numel(), dtype=positions.dtype, device=device)
+        unit[index] = 1.0
+        directions.append(unit.view_as(positions))
+    for d in directions:
+        d = d / d.norm()
+        numeric = (energy(positions + eps * d) - energy(positions - eps * d)) / (2 * eps)
+        analytic = -float((forces * d).sum())
+        assert abs(numeric - analytic) <= 1e-6 * max(abs(analytic), scale), (numeric, analytic)
+
+
 def random_rotation(seed: int) -> np.ndarray:
     """A proper rotation matrix (det = +1)."""
     q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
