@@ -96,6 +96,7 @@ def test_a_gate_failure_is_learned_from_in_a_refinement_pass(tmp_path):
     first = json.loads((run / "refine" / "pass_0" / "distill_report.json").read_text())
     assert first["gate/passed"] == 0.0 and "became unstable" in first["reasons"][0]
     assert metrics["distill/refine/pass_1/gate_reasons"] == first["reasons"][:1]
+    assert (first["seed"], metrics["distill/seed"]) == (0, 1)  # the refined student's MD follows new trajectories
     # The budget left after the loop pays for the frames: 75 calls in all, at most 4 frames.
     loop_calls = first["teacher_calls/train"]
     assert metrics["distill/refine/frames"] == min(4, 75 - loop_calls) > 0

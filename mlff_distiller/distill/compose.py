@@ -154,7 +154,8 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
 
     When the gate's MD became unstable and ``distill_report.refine.passes`` allows, the student learns from it
     (:mod:`.refine`): the frames before the failure are labelled and added to its training split, it trains on
-    in ``checkpoints/refine_<p>/``, and the report runs again; the last report is the run's. Each earlier report's
+    in ``checkpoints/refine_<p>/``, and the report runs again with seed + p (new trajectories: a pass is not graded
+    on the trajectory it learned from); the last report is the run's. Each earlier report's
     files move to ``refine/pass_<p>/``. Then the refined student's test split is returned as ``test/...`` too,
     and ``distill/student_checkpoint`` names the checkpoint the verdict speaks of."""
     from ase.io import read
@@ -210,7 +211,9 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
             config,
             loop,
             bound,
-            seed=int(cfg.seed or 0),
+            # Each pass's MD (gate, fresh frames) draws new velocities: a refined student is not graded on the
+            # trajectory it learned from (with the same seed one passed its gate and failed another's NVE at 3 ps).
+            seed=int(cfg.seed or 0) + p,
             pair_bounds=pair_bounds,
             refined=refined,
         )

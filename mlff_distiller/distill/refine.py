@@ -13,7 +13,8 @@ did (``gate_failure_frames.extxyz``). A refinement pass
    metrics before and after compare; :func:`write_pass_sets`) and trains the student on, warm, for
    ``epochs`` (:func:`fine_tune`);
 
-and the report runs again on the refined student, whose verdict is the run's. ``mlff-train`` drives the passes
+and the report runs again on the refined student, with the seed moved on by one per pass so that its gate and
+fresh frames follow trajectories it never learned from; its verdict is the run's. ``mlff-train`` drives the passes
 (:func:`mlff_distiller.distill.compose.final_report`): at most ``passes``, stopping once the gate passes, the
 gate failed without becoming unstable (a drift or a temperature: no frames to learn from), or the budget is
 spent.

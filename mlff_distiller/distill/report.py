@@ -379,6 +379,7 @@ def distillation_report(
     clock = time.perf_counter()
     test = evaluate_structures(student, test_structures, metric_groups_key=None, source="the sampled test split")
     metrics: dict[str, Any] = {f"test/{name}": value for name, value in test.metrics.items()}
+    metrics["seed"] = seed  # of the MD runs (fresh frames, gate, observables)
     if min_distance_bound is None:
         min_distance_bound = config.gate.min_distance_fraction * min(min_distance(a) for a in test_structures)
     if pair_bounds is None:
