@@ -199,8 +199,8 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
         started = time.perf_counter()
         best = trainer.checkpoint_dir / "best_model.pt"
         student = load_model_weights(copy.deepcopy(trainer.model).cpu(), best)
-        test_file = data.split_files["test"]
-        test = [read_labelled_structures(test_file)[i] for i in data.split_indices["test"]]
+        in_file = read_labelled_structures(data.split_files["test"])
+        test = [in_file[i] for i in data.split_indices["test"]]
         report = distillation_report(
             student,
             teacher,
