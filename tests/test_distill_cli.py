@@ -83,6 +83,7 @@ def test_a_gate_failure_is_learned_from_in_a_refinement_pass(tmp_path):
     reports again; the first report moves aside and the verdict is the refined student's."""
     result = run_cli(
         tmp_path,
+        f"data.source.cache_dir={tmp_path / 'cache'}",  # its own loop state: the smoke test globs the shared one
         "distill.teacher_budget=75",
         "distill_report.gate.min_distance_fraction=0.97",
         "distill_report.refine.passes=1",
