@@ -159,15 +159,12 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     files move to ``refine/pass_<p>/``. Then the refined student's test split is returned as ``test/...`` too,
     and ``distill/student_checkpoint`` names the checkpoint the verdict speaks of."""
     from ase.io import read
-    from hydra.utils import instantiate
 
     from ..data.dataset import read_labelled_structures
     from ..teachers.calculators import make_calculator
-    from ..teachers.labelling import read_labelled
     from ..teachers.structures import min_distance
-    from ..training import ConsoleLogger, load_model_weights
-    from .budget import total_teacher_calls
-    from .refine import fine_tune, frames_within_budget, label_like_round0, pick_frames, write_pass_sets
+    from ..training import load_model_weights
+    from .refine import frames_within_budget
     from .report import GATE_FAILURE_FRAMES, ReportConfig, distillation_report, print_report
 
     best = trainer.checkpoint_dir / "best_model.pt" if trainer.checkpoint_dir is not None else None
@@ -236,51 +233,94 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
             log.warning("The gate failed, but distill.teacher_budget=%s leaves no teacher call to refine with.", budget)
             break
         # This pass's report files move aside: the next report is the run's.
-        archive = output_dir / "refine" / f"pass_{p}"
-        archive.mkdir(parents=True, exist_ok=True)
-        for path in sorted(output_dir.iterdir()):
-            if path.is_file() and path.suffix != ".log" and path.stat().st_mtime >= started:
-                path.rename(archive / path.name)
+        archive = _move_aside(output_dir, started, output_dir / "refine" / f"pass_{p}")
         clock = time.perf_counter()
-        step = p + 1
-        work = output_dir / "refine" / f"pass_{step}"
-        frames = pick_frames(read(archive / GATE_FAILURE_FRAMES, ":"), count)
-        log.info(
-            "The gate's MD of the student became unstable; refinement pass %d: labelling %d of its frames before the "
-            "failure, then training on for %d epochs.",
-            step,
-            len(frames),
-            config.refine.epochs,
-        )
-        labelled = label_like_round0(frames, sampling, teacher, work / "labelled.extxyz", sampling.seed + 100 + step)
-        added.append(labelled)
-        sets = write_pass_sets(data, added, work)
-        data = instantiate(cfg.data, path=str(sets["train"]), val_path=str(sets["val"]), test_path=str(sets["test"]))
-        model = load_model_weights(copy.deepcopy(trainer.model), best)
-        scheduler = cfg.get("scheduler")
-        trainer = fine_tune(
-            model,
+        trainer, data, frames, calls = _refine(
+            cfg,
+            p + 1,
+            read(archive / GATE_FAILURE_FRAMES, ":"),
+            count,
+            added,
+            sampling,
+            teacher,
+            trainer,
             data,
-            trainer.config,
-            output_dir / "checkpoints" / f"refine_{step}",
+            output_dir,
             config.refine.epochs,
-            instantiate(cfg.loss),
-            instantiate(cfg.optimizer),
-            instantiate(scheduler) if scheduler and "_target_" in scheduler else None,
-            loggers=[ConsoleLogger(metrics=("train/loss", "val/loss", "val/force_mae"))],
         )
-        calls = total_teacher_calls(read_labelled(labelled))
         refined = {
             **refined,
-            "refine/passes": float(step),
-            "refine/frames": refined.get("refine/frames", 0.0) + len(frames),
+            "refine/passes": float(p + 1),
+            "refine/frames": refined.get("refine/frames", 0.0) + frames,
             "refine/teacher_calls": refined.get("refine/teacher_calls", 0) + calls,
             "refine/seconds": refined.get("refine/seconds", 0.0) + round(time.perf_counter() - clock, 2),
-            f"refine/pass_{step}/gate_reasons": [r for r in report["reasons"] if "unstable" in r or "apart" in r],
+            f"refine/pass_{p + 1}/gate_reasons": [r for r in report["reasons"] if "unstable" in r or "apart" in r],
         }
         extra = trainer.evaluate_checkpoint(trainer.checkpoint_dir / "best_model.pt", data.test_loader(), "test")
     out = {f"distill/{name}": value for name, value in report.items()}
     return {**extra, **out}
+
+
+def _move_aside(output_dir: Path, since: float, archive: Path) -> Path:
+    """Move the files a report wrote into ``output_dir`` (top-level files changed since ``since``, logs excepted)
+    to ``archive``; returns it."""
+    archive.mkdir(parents=True, exist_ok=True)
+    for path in sorted(output_dir.iterdir()):
+        if path.is_file() and path.suffix != ".log" and path.stat().st_mtime >= since:
+            path.rename(archive / path.name)
+    return archive
+
+
+def _refine(
+    cfg: DictConfig,
+    step: int,
+    window: list[Any],
+    count: int,
+    added: list[Path],
+    sampling: Any,
+    teacher: Any,
+    trainer: Any,
+    data: Any,
+    output_dir: Path,
+    epochs: int,
+) -> tuple[Any, Any, int, int]:
+    """Refinement pass ``step`` (:mod:`.refine`): label ``count`` of the gate's ``window`` frames, add them (and
+    the earlier passes' ``added`` files, which this extends) to the training split, train the student on.
+    Returns (its trainer, its data, frames labelled, their teacher calls)."""
+    from hydra.utils import instantiate
+
+    from ..teachers.labelling import read_labelled
+    from ..training import ConsoleLogger, load_model_weights
+    from .budget import total_teacher_calls
+    from .refine import fine_tune, label_like_round0, pick_frames, write_pass_sets
+
+    work = output_dir / "refine" / f"pass_{step}"
+    frames = pick_frames(window, count)
+    log.info(
+        "The gate's MD of the student became unstable; refinement pass %d: labelling %d of its frames before the "
+        "failure, then training on for %d epochs.",
+        step,
+        len(frames),
+        epochs,
+    )
+    labelled = label_like_round0(frames, sampling, teacher, work / "labelled.extxyz", sampling.seed + 100 + step)
+    added.append(labelled)
+    sets = write_pass_sets(data, added, work)
+    data = instantiate(cfg.data, path=str(sets["train"]), val_path=str(sets["val"]), test_path=str(sets["test"]))
+    model = load_model_weights(copy.deepcopy(trainer.model), trainer.checkpoint_dir / "best_model.pt")
+    scheduler = cfg.get("scheduler")
+    trainer = fine_tune(
+        model,
+        data,
+        trainer.config,
+        output_dir / "checkpoints" / f"refine_{step}",
+        epochs,
+        instantiate(cfg.loss),
+        instantiate(cfg.optimizer),
+        instantiate(scheduler) if scheduler and "_target_" in scheduler else None,
+        loggers=[ConsoleLogger(metrics=("train/loss", "val/loss", "val/force_mae"))],
+    )
+    return trainer, data, len(frames), total_teacher_calls(read_labelled(labelled))
 
 
 def check_verdict(metrics: dict[str, Any]) -> None:
