@@ -190,7 +190,6 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     used = loop.teacher_calls_train if loop is not None else 0
     refined: dict[str, Any] = {}
     final_training = round(sum(trainer.history.get("epoch_time_s", [])), 2)
-    added: list[Path] = []
     extra: dict[str, Any] = {}
     for p in range(config.refine.passes + 1):
         started = time.perf_counter()
@@ -240,7 +239,6 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
             p + 1,
             read(archive / GATE_FAILURE_FRAMES, ":"),
             count,
-            added,
             sampling,
             teacher,
             trainer,
@@ -276,7 +274,6 @@ def _refine(
     step: int,
     window: list[Any],
     count: int,
-    added: list[Path],
     sampling: Any,
     teacher: Any,
     trainer: Any,
@@ -284,8 +281,8 @@ def _refine(
     output_dir: Path,
     epochs: int,
 ) -> tuple[Any, Any, int, int]:
-    """Refinement pass ``step`` (:mod:`.refine`): label ``count`` of the gate's ``window`` frames, add them (and
-    the earlier passes' ``added`` files, which this extends) to the training split, train the student on.
+    """Refinement pass ``step`` (:mod:`.refine`): label ``count`` of the gate's ``window`` frames, add them to the
+    training split of ``data`` (which holds the earlier passes' frames already), train the student on.
     Returns (its trainer, its data, frames labelled, their teacher calls)."""
     from hydra.utils import instantiate
 
@@ -304,8 +301,7 @@ def _refine(
         epochs,
     )
     labelled = label_like_round0(frames, sampling, teacher, work / "labelled.extxyz", sampling.seed + 100 + step)
-    added.append(labelled)
-    sets = write_pass_sets(data, added, work)
+    sets = write_pass_sets(data, [labelled], work)
     data = instantiate(cfg.data, path=str(sets["train"]), val_path=str(sets["val"]), test_path=str(sets["test"]))
     model = load_model_weights(copy.deepcopy(trainer.model), trainer.checkpoint_dir / "best_model.pt")
     scheduler = cfg.get("scheduler")

@@ -66,3 +66,22 @@ def test_the_pass_adds_frames_to_the_training_split_alone(tmp_path):
     assert [a.info["index"] for a in read["train"]] == [1, 3, 4, 6, 8, 0, 1, 2]
     assert read["train"][-1].get_potential_energy() == -2.0
     assert np.allclose(read["train"][-1].get_forces(), 0.2)
+
+
+def test_a_second_pass_adds_only_its_own_frames(tmp_path):
+    """After pass 1 the data module reads pass 1's files, whose training split holds pass 1's frames already; pass 2
+    adds its own file alone, so no frame is trained on twice."""
+    ase.io.write(tmp_path / "all.extxyz", labelled(6))
+    ase.io.write(tmp_path / "gate_1.extxyz", labelled(2, offset=1.0))
+    ase.io.write(tmp_path / "gate_2.extxyz", labelled(2, offset=2.0))
+    first = write_pass_sets(
+        _Split(tmp_path / "all.extxyz", {"val": [0], "test": [1], "train": [2, 3, 4, 5]}),
+        [tmp_path / "gate_1.extxyz"],
+        tmp_path / "pass_1",
+    )
+    after_first = _Split(first["train"], {"train": list(range(6)), "val": [0], "test": [0]})
+    after_first.split_files = dict(first)
+    second = write_pass_sets(after_first, [tmp_path / "gate_2.extxyz"], tmp_path / "pass_2")
+    train = ase.io.read(second["train"], ":")
+    distances = sorted(round(float(a.get_distance(0, 1)), 3) for a in train)
+    assert distances == sorted(set(distances)) and len(train) == 4 + 2 + 2
