@@ -104,7 +104,8 @@ def test_a_gate_failure_is_learned_from_in_a_refinement_pass(tmp_path):
     assert metrics["distill/teacher_calls/train"] == loop_calls + metrics["distill/refine/teacher_calls"] <= 75
     labelled = ase.io.read(run / "refine" / "pass_1" / "labelled.extxyz", ":")
     assert len(labelled) == metrics["distill/refine/frames"]
-    assert all(a.info["provenance"].startswith("gate:segment=nvt:step=") for a in labelled)
+    provenance = "gate:trajectory=0:segment=nvt:failure=unstable:step="
+    assert all(a.info["provenance"].startswith(provenance) for a in labelled)
     assert all(a.info["config_type"] == "gate_failure" and "forces" in a.calc.results for a in labelled)
     # The frames are the last of those kept before the failure, the very last included.
     window = ase.io.read(run / "refine" / "pass_0" / "gate_failure_frames.extxyz", ":")

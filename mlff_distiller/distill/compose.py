@@ -152,10 +152,10 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     """The final student (best checkpoint, EMA weights) vs the teacher: the report and its verdict, as
     ``distill/...`` metrics (see :func:`mlff_distiller.distill.report.distillation_report`).
 
-    When the gate's MD became unstable and ``distill_report.refine.passes`` allows, the student learns from it
-    (:mod:`.refine`): the frames before the failure are labelled and added to its training split, it trains on
-    in ``checkpoints/refine_<p>/``, and the report runs again with seed + p (new trajectories: a pass is not graded
-    on the trajectory it learned from); the last report is the run's. Each earlier report's
+    When the gate's MD became unstable or its NVE drifted, and ``distill_report.refine.passes`` allows, the
+    student learns from it (:mod:`.refine`): the frames before the failure are labelled and added to its training
+    split, it trains on in ``checkpoints/refine_<p>/``, and the report runs again with seed + p (new trajectories:
+    a pass is not graded on the trajectory it learned from); the last report is the run's. Each earlier report's
     files move to ``refine/pass_<p>/``. Then the refined student's test split is returned as ``test/...`` too,
     and ``distill/student_checkpoint`` names the checkpoint the verdict speaks of."""
     from ase.io import read
@@ -252,7 +252,7 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
             "refine/frames": refined.get("refine/frames", 0.0) + frames,
             "refine/teacher_calls": refined.get("refine/teacher_calls", 0) + calls,
             "refine/seconds": refined.get("refine/seconds", 0.0) + round(time.perf_counter() - clock, 2),
-            f"refine/pass_{p + 1}/gate_reasons": [r for r in report["reasons"] if "unstable" in r or "apart" in r],
+            f"refine/pass_{p + 1}/gate_reasons": [r for r in report["reasons"] if "NVT" in r or "NVE" in r],
         }
         extra = trainer.evaluate_checkpoint(trainer.checkpoint_dir / "best_model.pt", data.test_loader(), "test")
     out = {f"distill/{name}": value for name, value in report.items()}
@@ -294,8 +294,8 @@ def _refine(
     work = output_dir / "refine" / f"pass_{step}"
     frames = pick_frames(window, count)
     log.info(
-        "The gate's MD of the student became unstable; refinement pass %d: labelling %d of its frames before the "
-        "failure, then training on for %d epochs.",
+        "The gate's MD of the student failed; refinement pass %d: labelling %d of its frames before the failure, "
+        "then training on for %d epochs.",
         step,
         len(frames),
         epochs,

@@ -53,6 +53,10 @@ class GateConfig:
     """Length of the NVT run, ps."""
     nve_ps: float = 10.0
     """Length of the NVE run that follows it, ps."""
+    trajectories: int = 1
+    """Independent trajectories (NVT then NVE from the same cell, each with its own velocities and thermostat
+    noise), one after another until one fails; the gate passes when every one does. A student can survive one
+    trajectory and fail the next: more of them make a pass mean more, at up to that many times the cost."""
     temperature_factor: float = 1.5
     """The NVT run is at this x the highest target temperature."""
     min_atoms: int = 108
@@ -79,7 +83,8 @@ class GateConfig:
     (``benchmarks/gate_step.py``), so it pays for gates of a few ps and more."""
     failure_window_ps: float = 1.0
     """When a run becomes unstable, its sane frames (every ``record_every`` steps) of this many ps before it
-    did are kept (``gate_failure_frames.extxyz``): where the student went wrong, for the refinement to label."""
+    did are kept (``gate_failure_frames.extxyz``): where the student went wrong, for the refinement to label. An
+    NVE run that drifts too much keeps those before its largest energy jump (:func:`largest_energy_jump`)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -95,6 +100,10 @@ class GateConfig:
                 raise ValueError(f"distill_report.gate.{name}={value!r} is invalid: it must be a finite number >= 0.")
         if self.nvt_ps + self.nve_ps <= 0:
             raise ValueError("distill_report.gate: nvt_ps and nve_ps are both 0; the gate would run nothing.")
+        if not isinstance(self.trajectories, int) or isinstance(self.trajectories, bool) or self.trajectories < 1:
+            raise ValueError(
+                f"distill_report.gate.trajectories={self.trajectories!r} is invalid: it must be an integer >= 1."
+            )
         if self.min_atoms < 1 or self.record_every < 1:
             raise ValueError(
                 f"distill_report.gate: min_atoms={self.min_atoms} and record_every={self.record_every} must be >= 1."
@@ -138,17 +147,20 @@ def stability_gate(
     ``config.min_atoms`` atoms when periodic), through :func:`mlff_distiller.md.driver.run_md` and its stability
     check, which also holds each element pair to its ``pair_bounds`` entry (Å, by name: ``{"H-H": 0.78}``).
     Returns (metrics, reasons it failed; empty when it passed). A run that becomes unstable appends its sane
-    frames of the last ``config.failure_window_ps`` before it did to ``failure_frames`` (when given), each with
-    ``info["gate_segment"]``, ``info["step"]`` and ``info["time_ps"]`` (of that segment).
+    frames of the last ``config.failure_window_ps`` before it did to ``failure_frames`` (when given); an NVE run
+    whose drift fails appends those of the window that ends with its largest energy jump (a student that does not
+    conserve energy does so somewhere: there it is wrong). Each has ``info["gate_trajectory"]``,
+    ``info["gate_segment"]``, ``info["gate_failure"]`` (``unstable`` / ``drift``), ``info["step"]`` and
+    ``info["time_ps"]`` (of that segment). With ``config.trajectories`` > 1 they run in turn until one fails (its
+    reasons name it; a verdict needs no more).
 
     Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound`` (and
     ``min_distance_bound/<pair>`` for each pair bound), ``timestep_fs``, per
     segment (``nvt/``, ``nve/``) the driver's ``time_ps``, ``min_distance``, ``mean_temperature`` (NVT: over its
-    second half) and ``ns_per_day``, the NVE's ``energy_drift`` and ``max_energy_deviation``; ``passed``
-    (1.0 / 0.0) and ``seconds``.
+    second half) and ``ns_per_day``, the NVE's ``energy_drift`` and ``max_energy_deviation`` (of trajectory 0;
+    those of trajectory k > 0 under ``trajectory_<k>/``); ``trajectories`` (asked), ``trajectories_passed``,
+    ``passed`` (1.0 / 0.0) and ``seconds``.
     """
-    from ..md.driver import ENSEMBLES, MDSettings, run_md, seed_from
-
     started = time.perf_counter()
     atoms = reference.copy()
     atoms.calc = None
@@ -159,6 +171,7 @@ def stability_gate(
     temperature = config.temperature_factor * max(target_temperatures)
     timestep = config.timestep_fs if config.timestep_fs is not None else default_timestep_fs(atoms)
     reasons: list[str] = []
+    passed = 0
     metrics: dict[str, float] = {
         "num_atoms": float(len(atoms)),
         "temperature_K": temperature,
@@ -166,6 +179,57 @@ def stability_gate(
         "timestep_fs": timestep,
         **{f"min_distance_bound/{pair}": float(bound) for pair, bound in (pair_bounds or {}).items()},
     }
+
+    for trajectory in range(config.trajectories):
+        # Trajectory 0 keeps the names and seeds of a one-trajectory gate; the others get their own.
+        prefix = f"trajectory_{trajectory}/" if trajectory else ""
+        said = f"trajectory {trajectory}: " if config.trajectories > 1 else ""
+        entropy = (seed, 29) if trajectory == 0 else (seed, 29, 1000 + trajectory)
+        trajectory_metrics, trajectory_reasons, kept = _trajectory(
+            calculator,
+            atoms,
+            config,
+            temperature,
+            timestep,
+            min_distance_bound,
+            pair_bounds,
+            entropy,
+            keep_failure=failure_frames is not None,
+        )
+        metrics.update({prefix + name: value for name, value in trajectory_metrics.items()})
+        reasons += [said + reason for reason in trajectory_reasons]
+        for frame in kept:
+            frame.info["gate_trajectory"] = trajectory
+        if failure_frames is not None:
+            failure_frames += kept
+        if trajectory_reasons:
+            break
+        passed += 1
+    metrics["trajectories"] = float(config.trajectories)
+    metrics["trajectories_passed"] = float(passed)
+    metrics["passed"] = 0.0 if reasons else 1.0
+    metrics["seconds"] = time.perf_counter() - started
+    return metrics, reasons
+
+
+def _trajectory(
+    calculator: Any,
+    atoms: Atoms,
+    config: GateConfig,
+    temperature: float,
+    timestep: float,
+    min_distance_bound: float,
+    pair_bounds: Mapping[str, float] | None,
+    entropy: tuple[int, ...],
+    keep_failure: bool,
+) -> tuple[dict[str, float], list[str], list[Atoms]]:
+    """One trajectory of the gate, NVT then NVE from ``atoms``, its velocities and noise from ``entropy``:
+    (metrics ``nvt/...``, ``nve/...``; reasons it failed; with ``keep_failure``, the frames before a failure)."""
+    from ..md.driver import ENSEMBLES, MDSettings, run_md, seed_from
+
+    metrics: dict[str, float] = {}
+    reasons: list[str] = []
+    kept: list[Atoms] = []
 
     def segment(name: str, ps: float, start: Atoms, ensemble: str, equilibration_steps: int = 0) -> MDSummary:
         steps = int(round(1000.0 * ps / timestep))
@@ -179,19 +243,23 @@ def stability_gate(
             write_interval=config.record_every,
             min_distance=min_distance_bound,
             pair_min_distance=dict(pair_bounds or {}),
-            seed=seed_from(seed, 29, ENSEMBLES.index(ensemble)),
+            seed=seed_from(*entropy, ENSEMBLES.index(ensemble)),
             keep_velocities=ensemble == "nve" and config.nvt_ps > 0,
             equilibration_steps=min(equilibration_steps, steps),
         )
-        keep = failure_frames is not None and config.failure_window_ps > 0
+        keep = keep_failure and config.failure_window_ps > 0
         # The NVT run's first half is equilibration only for its mean temperature: a failure there counts too.
         summary = run_md(calculator, start, settings, keep_frames=keep, keep_equilibration=True)
-        if keep and not summary.stable:
-            since = summary.time_ps - config.failure_window_ps
+        failed_at, failure = None, ""
+        if not summary.stable:
+            failed_at, failure = summary.time_ps, "unstable"
+        elif ensemble == "nve" and not abs(summary.energy_drift) <= config.max_nve_drift:
+            failed_at, failure = largest_energy_jump(summary.thermo), "drift"
+        if keep and failed_at is not None:
             for frame in summary.frames:
-                if frame.info["time_ps"] >= since:
-                    frame.info["gate_segment"] = name
-                    failure_frames.append(frame)
+                if failed_at - config.failure_window_ps <= frame.info["time_ps"] <= failed_at:
+                    frame.info.update(gate_segment=name, gate_failure=failure)
+                    kept.append(frame)
         fields = ["time_ps", "min_distance", "mean_temperature", "ns_per_day"]
         fields += ["energy_drift", "max_energy_deviation"] if ensemble == "nve" else []
         metrics.update({f"{name}/{field}": float(getattr(summary, field)) for field in fields})
@@ -220,9 +288,18 @@ def stability_gate(
         drift = nve.energy_drift
         if nve.stable and not abs(drift) <= config.max_nve_drift:
             reasons.append(f"NVE energy drift {drift:.3g} meV/atom/ps exceeds ±{config.max_nve_drift:g}")
-    metrics["passed"] = 0.0 if reasons else 1.0
-    metrics["seconds"] = time.perf_counter() - started
-    return metrics, reasons
+    return metrics, reasons, kept
+
+
+def largest_energy_jump(thermo: Mapping[str, np.ndarray]) -> float:
+    """The time (ps) of the thermo row that ends the largest change of the total energy between two rows: where
+    an NVE run that drifts lost energy conservation the most (NaN rows are skipped; NaN without two rows)."""
+    total, times = thermo["total_energy_eV"], thermo["time_ps"]
+    finite = np.isfinite(total)
+    if finite.sum() < 2:
+        return math.nan
+    total, times = total[finite], times[finite]
+    return float(times[1 + int(np.argmax(np.abs(np.diff(total))))])
 
 
 def verdict(gate_reasons: list[str], metrics: dict[str, Any], bounds: dict[str, float]) -> tuple[str, list[str]]:
@@ -252,7 +329,8 @@ def advice(reasons: list[str]) -> str:
     if "drift" in text or "temperature" in text:
         tips.append(
             "a smoother, better converged student: longer training (trainer.max_epochs), a smaller MD timestep "
-            "(distill_report.gate.timestep_fs)"
+            "(distill_report.gate.timestep_fs), or for a drift, learn from the frames before its largest energy jump "
+            "(distill_report.refine.passes)"
         )
     if "force_mae" in text or "fresh" in text or "observables" in text:
         tips.append(

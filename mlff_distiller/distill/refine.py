@@ -3,21 +3,22 @@
 The active loop explores with a cheap committee in runs of at most a few ps; the final student can still fail
 where they never went (a water molecule that folds after 16 ps at 450 K). When the gate's MD of the final
 student becomes unstable, the report keeps the sane frames of the last ``gate.failure_window_ps`` before it
-did (``gate_failure_frames.extxyz``). A refinement pass
+did (``gate_failure_frames.extxyz``); when its NVE drifts beyond the bound, those of the window before its
+largest energy jump (the student is not conservative there: where its forces are wrong). A refinement pass
 
 1. picks ``frames`` of them, evenly spaced up to the last sane one (:func:`pick_frames`), as many as the
    teacher budget leaves;
 2. labels them as round 0 was labelled (:func:`label_like_round0`: the same Hessian rows, site energies and
-   workers), with their provenance (``gate:segment=nvt:step=...``, ``config_type=gate_failure``);
+   workers), with their provenance (``gate:trajectory=0:segment=nvt:failure=unstable:step=...``,
+   ``config_type=gate_failure``);
 3. adds them to the training split only (the validation and test splits stay the same structures, so the
    metrics before and after compare; :func:`write_pass_sets`) and trains the student on, warm, for
    ``epochs`` (:func:`fine_tune`);
 
 and the report runs again on the refined student, with the seed moved on by one per pass so that its gate and
 fresh frames follow trajectories it never learned from; its verdict is the run's. ``mlff-train`` drives the passes
-(:func:`mlff_distiller.distill.compose.final_report`): at most ``passes``, stopping once the gate passes, the
-gate failed without becoming unstable (a drift or a temperature: no frames to learn from), or the budget is
-spent.
+(:func:`mlff_distiller.distill.compose.final_report`): at most ``passes``, stopping once the gate passes, it
+failed with no frames to learn from (an NVT temperature off its target), or the budget is spent.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ test split and the system's seed structures, and measures
 - speed: single-point energy + forces per second of teacher and student on the same structures
   (periodic systems: supercells of about 32 and 256 atoms) (``speed/...``);
 - the stability gate (:mod:`.gate`: NVT at 1.5x the highest target temperature, then NVE) (``gate/...``); with
-  ``parallel`` it runs in a second one-thread process beside the observables (the two longest parts, on two
-  cores), and ``gate.compile`` runs its student as a compiled graph; when its MD becomes unstable, the sane
-  frames before it did go to ``gate_failure_frames.extxyz`` (``refine`` passes learn from them, :mod:`.refine`);
+  ``parallel`` it runs in a second one-thread process beside the fresh frames and the observables (the
+  longest parts, on two cores), and ``gate.compile`` runs its student as a compiled graph; when its MD becomes
+  unstable, the sane frames before it did go to ``gate_failure_frames.extxyz`` (an NVE drift: those before its
+  largest energy jump; ``refine`` passes learn from them, :mod:`.refine`);
 - observables, student vs teacher (:mod:`.observables`: equation of state and bulk modulus, vibrational
   frequencies, RDF, by the kind of system) (``observables/...``);
 - the active loop's rounds when there was one: teacher calls per round, fresh-frame error per round
@@ -215,9 +216,14 @@ def _gate_job(task: tuple) -> tuple[dict[str, float], list[str], list[Atoms]]:
     kept = [
         fresh_copy(
             frame,
-            provenance=f"gate:segment={frame.info['gate_segment']}:step={frame.info['step']}",
+            provenance=(
+                f"gate:trajectory={frame.info['gate_trajectory']}:segment={frame.info['gate_segment']}"
+                f":failure={frame.info['gate_failure']}:step={frame.info['step']}"
+            ),
             config_type="gate_failure",
+            gate_trajectory=int(frame.info["gate_trajectory"]),
             gate_segment=frame.info["gate_segment"],
+            gate_failure=frame.info["gate_failure"],
             step=int(frame.info["step"]),
             time_ps=float(frame.info["time_ps"]),
             temperature_K=float(metrics["temperature_K"]),
@@ -387,31 +393,6 @@ def distillation_report(
     calculator = StudentCalculator(student, dtype=student_dtype)
 
     fresh_parity = None
-    if config.fresh_frames > 0:
-        frames, unstable = fresh_frames(
-            calculator,
-            references,
-            target_temperatures,
-            config.fresh_frames,
-            config.fresh_interval,
-            config.fresh_equilibration_steps,
-            config.fresh_timestep_fs,
-            min_distance_bound,
-            seed,
-        )
-        metrics["fresh/unstable_runs"] = float(len(unstable))
-        for line in unstable:
-            log.warning("Fresh-frame MD of the final student became unphysical at %s", line)
-        if frames:
-            path = output / "fresh_frames.extxyz"
-            path.unlink(missing_ok=True)
-            labelled = read_labelled(label_structures(frames, teacher, path, progress=False))
-            fresh = evaluate_structures(student, labelled, metric_groups_key="config_type", source=str(path))
-            fresh_parity = fresh.parity
-            metrics.update({f"fresh/{name}": value for name, value in fresh.metrics.items()})
-            metrics["fresh/teacher_calls"] = float(total_teacher_calls(labelled))
-    times["fresh_s"] = time.perf_counter() - clock
-
     clock = time.perf_counter()
     reference = references[0]
     speed_atoms = speed_structures(reference, config.speed_sizes)
@@ -438,6 +419,32 @@ def distillation_report(
         student_dtype,
     )
     with _beside(_gate_job, gate_task, config.parallel) as gate_result:
+        # The fresh frames (the student's MD, then teacher labels) run beside the gate too: they time nothing.
+        clock = time.perf_counter()
+        if config.fresh_frames > 0:
+            frames, unstable = fresh_frames(
+                calculator,
+                references,
+                target_temperatures,
+                config.fresh_frames,
+                config.fresh_interval,
+                config.fresh_equilibration_steps,
+                config.fresh_timestep_fs,
+                min_distance_bound,
+                seed,
+            )
+            metrics["fresh/unstable_runs"] = float(len(unstable))
+            for line in unstable:
+                log.warning("Fresh-frame MD of the final student became unphysical at %s", line)
+            if frames:
+                path = output / "fresh_frames.extxyz"
+                path.unlink(missing_ok=True)
+                labelled = read_labelled(label_structures(frames, teacher, path, progress=False))
+                fresh = evaluate_structures(student, labelled, metric_groups_key="config_type", source=str(path))
+                fresh_parity = fresh.parity
+                metrics.update({f"fresh/{name}": value for name, value in fresh.metrics.items()})
+                metrics["fresh/teacher_calls"] = float(total_teacher_calls(labelled))
+        times["fresh_s"] = time.perf_counter() - clock
         if config.observables is not None:
             clock = time.perf_counter()
             from .observables import observables_report

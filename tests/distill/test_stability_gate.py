@@ -12,7 +12,14 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.morse import MorsePotential
 
-from mlff_distiller.distill.gate import GateConfig, advice, contact_bounds, stability_gate, verdict
+from mlff_distiller.distill.gate import (
+    GateConfig,
+    advice,
+    contact_bounds,
+    largest_energy_jump,
+    stability_gate,
+    verdict,
+)
 from mlff_distiller.md.driver import MDSettings, run_md
 from mlff_distiller.md.stability import closest_contacts, closest_pairs
 
@@ -55,6 +62,28 @@ def test_a_collapsing_potential_fails_on_the_closest_approach():
     assert metrics["nvt/time_ps"] < 0.2 and "nve/time_ps" not in metrics  # NVE is not run after a failed NVT
 
 
+def test_more_trajectories_each_run_with_their_own_velocities_and_all_must_pass():
+    one, _ = stability_gate(EMT(), copper(), [300.0], GateConfig(**SHORT), min_distance_bound=1.5)
+    two, reasons = stability_gate(EMT(), copper(), [300.0], GateConfig(**SHORT, trajectories=2), 1.5)
+    assert reasons == [] and two["passed"] == 1.0 and two["trajectories"] == two["trajectories_passed"] == 2.0
+    # Trajectory 0 is the one-trajectory gate's, the next one another.
+    assert two["nve/energy_drift"] == one["nve/energy_drift"] and one["trajectories"] == 1.0
+    assert two["trajectory_1/nve/time_ps"] == pytest.approx(0.2)
+    assert two["trajectory_1/nvt/mean_temperature"] != two["nvt/mean_temperature"]
+    collapsing = MorsePotential(epsilon=1.0, r0=1.0, rho0=3.0, rcut1=3.0, rcut2=4.0)
+    frames = []
+    config = GateConfig(**SHORT, trajectories=3, failure_window_ps=0.02)
+    metrics, reasons = stability_gate(collapsing, copper(), [300.0], config, 1.5, failure_frames=frames)
+    # The first failure decides: no trajectory runs after it.
+    assert (
+        metrics["trajectories_passed"] == 0.0 and metrics["passed"] == 0.0 and "trajectory_1/nvt/time_ps" not in metrics
+    )
+    assert len(reasons) == 1 and reasons[0].startswith("trajectory 0: NVT at 450 K (32 atoms) became unstable")
+    assert frames and {f.info["gate_trajectory"] for f in frames} == {0}
+    with pytest.raises(ValueError, match=r"distill_report.gate.trajectories=0 is invalid"):
+        GateConfig(trajectories=0)
+
+
 def test_a_failed_gate_keeps_its_sane_frames_of_the_window_before_the_failure():
     collapsing = MorsePotential(epsilon=1.0, r0=1.0, rho0=3.0, rcut1=3.0, rcut2=4.0)
     config = GateConfig(**SHORT, failure_window_ps=0.03)
@@ -82,6 +111,55 @@ def test_an_energy_that_is_not_the_forces_potential_fails_on_drift():
     # 0.2 meV/atom per call, one call per 2 fs step: about 100 meV/atom/ps.
     assert metrics["nve/energy_drift"] == pytest.approx(100.0, rel=0.1)
     assert reasons == [f"NVE energy drift {metrics['nve/energy_drift']:.3g} meV/atom/ps exceeds ±1"]
+
+
+class JumpingEMT(EMT):
+    """EMT whose energy steps up by 50 meV/atom from call ``at`` on (the forces stay EMT's): an NVE run fails on
+    drift, and its largest energy jump is that step. Remembers the positions of every call and whether it had
+    jumped."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, []
+
+    def calculate(self, atoms=None, *args, **kwargs):
+        super().calculate(atoms, *args, **kwargs)
+        jumped = len(self.calls) >= self.at
+        self.calls.append((self.atoms.positions.copy(), jumped))
+        self.results["energy"] += 0.05 * len(self.atoms) * jumped
+        self.results["free_energy"] = self.results["energy"]
+
+    def had_jumped(self, frame):
+        matches = [jumped for positions, jumped in self.calls if np.array_equal(positions, frame.positions)]
+        assert len(matches) == 1
+        return matches[0]
+
+
+def test_a_drifting_nve_keeps_the_frames_before_its_largest_energy_jump():
+    # 0.2 ps of NVT (about 100 calls), then the step after about 60 of the 100 NVE steps.
+    calculator = JumpingEMT(at=160)
+    config = GateConfig(**SHORT, failure_window_ps=0.05)
+    frames = []
+    metrics, reasons = stability_gate(calculator, copper(), [300.0], config, 1.5, failure_frames=frames)
+    assert len(reasons) == 1 and reasons[0].startswith("NVE energy drift")
+    assert all(f.info["gate_segment"] == "nve" and f.info["gate_failure"] == "drift" for f in frames)
+    times = [f.info["time_ps"] for f in frames]
+    assert len(frames) == 6 and np.allclose(np.diff(times), 0.01) and times[-1] < metrics["nve/time_ps"]
+    # The window ends with the first recorded state after the step, every earlier one is from before it.
+    assert calculator.had_jumped(frames[-1]) and not any(calculator.had_jumped(f) for f in frames[:-1])
+    kept = []
+    no_window = GateConfig(**SHORT, failure_window_ps=0.0)
+    stability_gate(CreepingEMT(), copper(), [300.0], no_window, 1.5, failure_frames=kept)
+    assert kept == []  # a window of 0 ps keeps nothing
+
+
+def test_largest_energy_jump_is_the_row_that_ends_the_largest_change():
+    thermo = {
+        "time_ps": np.array([0.0, 0.1, 0.2, 0.3, 0.4]),
+        "total_energy_eV": np.array([1.0, 1.1, np.nan, 0.5, 0.45]),
+    }
+    assert largest_energy_jump(thermo) == pytest.approx(0.3)  # 1.1 -> 0.5 across the NaN row
+    assert math.isnan(largest_energy_jump({"time_ps": np.array([0.0]), "total_energy_eV": np.array([1.0])}))
 
 
 def test_md_run_keeps_frames_after_equilibration_and_stops_with_a_reason():
