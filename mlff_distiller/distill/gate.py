@@ -3,7 +3,8 @@
 :func:`stability_gate` runs the student in a cell of at least ``min_atoms`` atoms through the package's one MD
 routine (:func:`mlff_distiller.md.driver.run_md`, ASE's integrators): Langevin NVT at ``temperature_factor`` x
 the highest target temperature for ``nvt_ps``, then NVE (velocity Verlet) from the final NVT state for
-``nve_ps``. It passes when, documented thresholds all met:
+``nve_ps``; with ``trajectories`` > 1, up to that many such trajectories with their own velocities, until one
+fails. It passes when, documented thresholds all met, on every trajectory:
 
 - both runs stay stable in the driver's sense (:mod:`mlff_distiller.md.stability`): energies and positions stay
   finite and no two atoms come closer than the bound
