@@ -182,10 +182,9 @@ def stability_gate(
     }
 
     for trajectory in range(config.trajectories):
-        # Trajectory 0 keeps the names and seeds of a one-trajectory gate; the others get their own.
+        # Trajectory 0 keeps the names of a one-trajectory gate; the others get their own.
         prefix = f"trajectory_{trajectory}/" if trajectory else ""
         said = f"trajectory {trajectory}: " if config.trajectories > 1 else ""
-        entropy = (seed, 29) if trajectory == 0 else (seed, 29, 1000 + trajectory)
         trajectory_metrics, trajectory_reasons, kept = _trajectory(
             calculator,
             atoms,
@@ -194,13 +193,12 @@ def stability_gate(
             timestep,
             min_distance_bound,
             pair_bounds,
-            entropy,
+            seed,
+            trajectory,
             keep_failure=failure_frames is not None,
         )
         metrics.update({prefix + name: value for name, value in trajectory_metrics.items()})
         reasons += [said + reason for reason in trajectory_reasons]
-        for frame in kept:
-            frame.info["gate_trajectory"] = trajectory
         if failure_frames is not None:
             failure_frames += kept
         if trajectory_reasons:
@@ -221,12 +219,17 @@ def _trajectory(
     timestep: float,
     min_distance_bound: float,
     pair_bounds: Mapping[str, float] | None,
-    entropy: tuple[int, ...],
+    seed: int,
+    trajectory: int,
     keep_failure: bool,
 ) -> tuple[dict[str, float], list[str], list[Atoms]]:
-    """One trajectory of the gate, NVT then NVE from ``atoms``, its velocities and noise from ``entropy``:
-    (metrics ``nvt/...``, ``nve/...``; reasons it failed; with ``keep_failure``, the frames before a failure)."""
+    """Trajectory ``trajectory`` of the gate, NVT then NVE from ``atoms``, its velocities and noise drawn from
+    ``seed`` and its index: (metrics ``nvt/...``, ``nve/...``; reasons it failed; with ``keep_failure``, the frames
+    before a failure)."""
     from ..md.driver import ENSEMBLES, MDSettings, run_md, seed_from
+
+    # Trajectory 0 draws what a one-trajectory gate always drew.
+    entropy = (seed, 29) if trajectory == 0 else (seed, 29, 1000 + trajectory)
 
     metrics: dict[str, float] = {}
     reasons: list[str] = []
@@ -259,7 +262,7 @@ def _trajectory(
         if keep and failed_at is not None:
             for frame in summary.frames:
                 if failed_at - config.failure_window_ps <= frame.info["time_ps"] <= failed_at:
-                    frame.info.update(gate_segment=name, gate_failure=failure)
+                    frame.info.update(gate_trajectory=trajectory, gate_segment=name, gate_failure=failure)
                     kept.append(frame)
         fields = ["time_ps", "min_distance", "mean_temperature", "ns_per_day"]
         fields += ["energy_drift", "max_energy_deviation"] if ensemble == "nve" else []
