@@ -4,7 +4,8 @@
 routine (:func:`mlff_distiller.md.driver.run_md`, ASE's integrators): Langevin NVT at ``temperature_factor`` x
 the highest target temperature for ``nvt_ps``, then NVE (velocity Verlet) from the final NVT state for
 ``nve_ps``; with ``trajectories`` > 1, up to that many such trajectories with their own velocities, until one
-fails. It passes when, documented thresholds all met, on every trajectory:
+fails (:func:`run_trajectories` runs any of them, so two processes can share them; :func:`combine_trajectories`
+joins their outcomes). It passes when, documented thresholds all met, on every trajectory:
 
 - both runs stay stable in the driver's sense (:mod:`mlff_distiller.md.stability`): energies and positions stay
   finite and no two atoms come closer than the bound
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -153,62 +154,151 @@ def stability_gate(
     conserve energy does so somewhere: there it is wrong). Each has ``info["gate_trajectory"]``,
     ``info["gate_segment"]``, ``info["gate_failure"]`` (``unstable`` / ``drift``), ``info["step"]`` and
     ``info["time_ps"]`` (of that segment). With ``config.trajectories`` > 1 they run in turn until one fails (its
-    reasons name it; a verdict needs no more).
+    reasons name it; a verdict needs no more). :func:`run_trajectories` and :func:`combine_trajectories` are its
+    two halves, for callers that share the trajectories between processes.
 
     Metrics: ``num_atoms``, ``temperature_K`` (the NVT target), ``min_distance_bound`` (and
     ``min_distance_bound/<pair>`` for each pair bound), ``timestep_fs``, per
     segment (``nvt/``, ``nve/``) the driver's ``time_ps``, ``min_distance``, ``mean_temperature`` (NVT: over its
     second half) and ``ns_per_day``, the NVE's ``energy_drift`` and ``max_energy_deviation`` (of trajectory 0;
     those of trajectory k > 0 under ``trajectory_<k>/``); ``trajectories`` (asked), ``trajectories_passed``,
-    ``passed`` (1.0 / 0.0) and ``seconds``.
+    ``passed`` (1.0 / 0.0) and ``seconds`` (of MD, summed over the trajectories).
     """
-    started = time.perf_counter()
+    cell = gate_cell(reference, config)
+    outcomes = run_trajectories(
+        calculator,
+        cell,
+        target_temperatures,
+        config,
+        min_distance_bound,
+        pair_bounds,
+        seed,
+        range(config.trajectories),
+        keep_failure=failure_frames is not None,
+    )
+    metrics, reasons, frames = combine_trajectories(
+        outcomes, cell, target_temperatures, config, min_distance_bound, pair_bounds
+    )
+    if failure_frames is not None:
+        failure_frames += frames
+    return metrics, reasons
+
+
+@dataclass
+class TrajectoryOutcome:
+    """One trajectory of the gate: its index, metrics (``nvt/...``, ``nve/...``), the reasons it failed (empty:
+    passed), the frames kept before its failure and its seconds."""
+
+    index: int
+    metrics: dict[str, float]
+    reasons: list[str]
+    frames: list[Any]
+    seconds: float
+
+
+def gate_cell(reference: Atoms, config: GateConfig) -> Atoms:
+    """The gate's starting cell: ``reference`` repeated to ``config.min_atoms`` atoms (periodic), with the
+    gate's hydrogen mass, without a calculator."""
     atoms = reference.copy()
     atoms.calc = None
     if atoms.pbc.all():
         atoms = supercell(atoms, config.min_atoms)
     if config.hydrogen_mass is not None:
         atoms.set_masses(np.where(atoms.numbers == 1, config.hydrogen_mass, atoms.get_masses()))
-    temperature = config.temperature_factor * max(target_temperatures)
-    timestep = config.timestep_fs if config.timestep_fs is not None else default_timestep_fs(atoms)
-    reasons: list[str] = []
-    passed = 0
-    metrics: dict[str, float] = {
-        "num_atoms": float(len(atoms)),
-        "temperature_K": temperature,
-        "min_distance_bound": min_distance_bound,
-        "timestep_fs": timestep,
-        **{f"min_distance_bound/{pair}": float(bound) for pair, bound in (pair_bounds or {}).items()},
-    }
+    return atoms
 
-    for trajectory in range(config.trajectories):
-        # Trajectory 0 keeps the names of a one-trajectory gate; the others get their own.
-        prefix = f"trajectory_{trajectory}/" if trajectory else ""
-        said = f"trajectory {trajectory}: " if config.trajectories > 1 else ""
-        trajectory_metrics, trajectory_reasons, kept = _trajectory(
+
+def _temperature_and_timestep(
+    cell: Atoms, target_temperatures: Sequence[float], config: GateConfig
+) -> tuple[float, float]:
+    temperature = config.temperature_factor * max(target_temperatures)
+    return temperature, config.timestep_fs if config.timestep_fs is not None else default_timestep_fs(cell)
+
+
+def run_trajectories(
+    calculator: Any,
+    cell: Atoms,
+    target_temperatures: Sequence[float],
+    config: GateConfig,
+    min_distance_bound: float,
+    pair_bounds: Mapping[str, float] | None,
+    seed: int,
+    indices: Iterable[int],
+    keep_failure: bool = False,
+    stop: Callable[[], bool] | None = None,
+) -> list[TrajectoryOutcome]:
+    """The gate's trajectories ``indices`` from ``cell`` (:func:`gate_cell`), in that order, until one fails or
+    ``stop()`` says that the gate has failed elsewhere (asked before each and during each, every
+    ``record_every`` steps: a trajectory it stops is dropped, neither passed nor failed). Trajectory k draws its
+    velocities and noise from ``seed`` and k alone, so it is the same whichever process runs it, in any order."""
+    temperature, timestep = _temperature_and_timestep(cell, target_temperatures, config)
+    outcomes = []
+    for index in indices:
+        if stop is not None and stop():
+            break
+        started = time.perf_counter()
+        done = _trajectory(
             calculator,
-            atoms,
+            cell,
             config,
             temperature,
             timestep,
             min_distance_bound,
             pair_bounds,
             seed,
-            trajectory,
-            keep_failure=failure_frames is not None,
+            index,
+            keep_failure,
+            stop,
         )
-        metrics.update({prefix + name: value for name, value in trajectory_metrics.items()})
-        reasons += [said + reason for reason in trajectory_reasons]
-        if failure_frames is not None:
-            failure_frames += kept
-        if trajectory_reasons:
+        if done is None:
             break
-        passed += 1
+        metrics, reasons, kept = done
+        outcomes.append(TrajectoryOutcome(index, metrics, reasons, kept, time.perf_counter() - started))
+        if reasons:
+            break
+    return outcomes
+
+
+def combine_trajectories(
+    outcomes: Iterable[TrajectoryOutcome],
+    cell: Atoms,
+    target_temperatures: Sequence[float],
+    config: GateConfig,
+    min_distance_bound: float,
+    pair_bounds: Mapping[str, float] | None,
+) -> tuple[dict[str, float], list[str], list[Any]]:
+    """The gate's metrics and reasons (see :func:`stability_gate`) from its trajectories' outcomes, from one
+    process or several; and the frames of the failed trajectory with the lowest index (the one a gate that ran
+    them in turn would have stopped at)."""
+    outcomes = sorted(outcomes, key=lambda outcome: outcome.index)
+    temperature, timestep = _temperature_and_timestep(cell, target_temperatures, config)
+    metrics: dict[str, float] = {
+        "num_atoms": float(len(cell)),
+        "temperature_K": temperature,
+        "min_distance_bound": min_distance_bound,
+        "timestep_fs": timestep,
+        **{f"min_distance_bound/{pair}": float(bound) for pair, bound in (pair_bounds or {}).items()},
+    }
+    reasons: list[str] = []
+    frames: list[Any] = []
+    for outcome in outcomes:
+        # Trajectory 0 keeps the names of a one-trajectory gate; the others get their own.
+        prefix = f"trajectory_{outcome.index}/" if outcome.index else ""
+        said = f"trajectory {outcome.index}: " if config.trajectories > 1 else ""
+        metrics.update({prefix + name: value for name, value in outcome.metrics.items()})
+        reasons += [said + reason for reason in outcome.reasons]
+        if outcome.reasons and not frames:
+            frames = list(outcome.frames)
+    passed = sum(1 for outcome in outcomes if not outcome.reasons)
     metrics["trajectories"] = float(config.trajectories)
     metrics["trajectories_passed"] = float(passed)
-    metrics["passed"] = 0.0 if reasons else 1.0
-    metrics["seconds"] = time.perf_counter() - started
-    return metrics, reasons
+    metrics["passed"] = 1.0 if passed == config.trajectories and not reasons else 0.0
+    metrics["seconds"] = sum(outcome.seconds for outcome in outcomes)
+    return metrics, reasons, frames
+
+
+class _Cancelled(Exception):
+    """A gate trajectory stopped by its caller (the gate failed in another process)."""
 
 
 def _trajectory(
@@ -222,10 +312,11 @@ def _trajectory(
     seed: int,
     trajectory: int,
     keep_failure: bool,
-) -> tuple[dict[str, float], list[str], list[Atoms]]:
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[dict[str, float], list[str], list[Atoms]] | None:
     """Trajectory ``trajectory`` of the gate, NVT then NVE from ``atoms``, its velocities and noise drawn from
     ``seed`` and its index: (metrics ``nvt/...``, ``nve/...``; reasons it failed; with ``keep_failure``, the frames
-    before a failure)."""
+    before a failure); None when ``cancel()`` stopped it."""
     from ..md.driver import ENSEMBLES, MDSettings, run_md, seed_from
 
     # Trajectory 0 draws what a one-trajectory gate always drew.
@@ -253,7 +344,9 @@ def _trajectory(
         )
         keep = keep_failure and config.failure_window_ps > 0
         # The NVT run's first half is equilibration only for its mean temperature: a failure there counts too.
-        summary = run_md(calculator, start, settings, keep_frames=keep, keep_equilibration=True)
+        summary = run_md(calculator, start, settings, keep_frames=keep, keep_equilibration=True, cancel=cancel)
+        if summary.cancelled:
+            raise _Cancelled
         failed_at, failure = None, ""
         if not summary.stable:
             failed_at, failure = summary.time_ps, "unstable"
@@ -273,25 +366,29 @@ def _trajectory(
         return summary
 
     start = atoms
-    if config.nvt_ps > 0:
-        # The mean temperature is taken over the second half: the first half forgets the starting velocities.
-        nvt = segment("nvt", config.nvt_ps, atoms, "nvt", int(round(500.0 * config.nvt_ps / timestep)))
-        mean_temperature = nvt.mean_temperature
-        if nvt.stable and not abs(mean_temperature - temperature) <= config.temperature_tolerance * temperature:
-            reasons.append(
-                f"NVT mean temperature {mean_temperature:.0f} K is more than {100 * config.temperature_tolerance:g} % "
-                f"off the {temperature:g} K target"
-            )
-        start = nvt.final.copy()
-        # The thermostat moved the centre of mass; NVE starts with it at rest (its temperature counts 3N - 3).
-        masses = start.get_masses()[:, None]
-        momenta = start.get_momenta()
-        start.set_momenta(momenta - masses * (momenta.sum(0) / masses.sum()))
-    if config.nve_ps > 0 and not reasons:
-        nve = segment("nve", config.nve_ps, start, "nve")
-        drift = nve.energy_drift
-        if nve.stable and not abs(drift) <= config.max_nve_drift:
-            reasons.append(f"NVE energy drift {drift:.3g} meV/atom/ps exceeds ±{config.max_nve_drift:g}")
+    try:
+        if config.nvt_ps > 0:
+            # The mean temperature is taken over the second half: the first half forgets the starting velocities.
+            nvt = segment("nvt", config.nvt_ps, atoms, "nvt", int(round(500.0 * config.nvt_ps / timestep)))
+            mean_temperature = nvt.mean_temperature
+            if nvt.stable and not abs(mean_temperature - temperature) <= config.temperature_tolerance * temperature:
+                tolerance = 100 * config.temperature_tolerance
+                reasons.append(
+                    f"NVT mean temperature {mean_temperature:.0f} K is more than {tolerance:g} % "
+                    f"off the {temperature:g} K target"
+                )
+            start = nvt.final.copy()
+            # The thermostat moved the centre of mass; NVE starts with it at rest (its temperature counts 3N - 3).
+            masses = start.get_masses()[:, None]
+            momenta = start.get_momenta()
+            start.set_momenta(momenta - masses * (momenta.sum(0) / masses.sum()))
+        if config.nve_ps > 0 and not reasons:
+            nve = segment("nve", config.nve_ps, start, "nve")
+            drift = nve.energy_drift
+            if nve.stable and not abs(drift) <= config.max_nve_drift:
+                reasons.append(f"NVE energy drift {drift:.3g} meV/atom/ps exceeds ±{config.max_nve_drift:g}")
+    except _Cancelled:
+        return None
     return metrics, reasons, kept
 
 

@@ -12,7 +12,8 @@ test split and the system's seed structures, and measures
   (periodic systems: supercells of about 32 and 256 atoms) (``speed/...``);
 - the stability gate (:mod:`.gate`: NVT at 1.5x the highest target temperature, then NVE) (``gate/...``); with
   ``parallel`` it runs in a second one-thread process beside the fresh frames and the observables (the
-  longest parts, on two cores), and ``gate.compile`` runs its student as a compiled graph; when its MD becomes
+  longest parts, on two cores), which then runs the odd ones of several trajectories itself (a failure on
+  either side stops both), and ``gate.compile`` runs its student as a compiled graph; when its MD becomes
   unstable, the sane frames before it did go to ``gate_failure_frames.extxyz`` (an NVE drift: those before its
   largest energy jump; ``refine`` passes learn from them, :mod:`.refine`);
 - observables, student vs teacher (:mod:`.observables`: equation of state and bulk modulus, vibrational
@@ -46,7 +47,16 @@ from ..plots import parity_plot
 from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance, supercell
 from ..training.config import check_known_fields
 from .budget import total_teacher_calls
-from .gate import GateConfig, advice, contact_bounds, stability_gate, verdict
+from .gate import (
+    GateConfig,
+    TrajectoryOutcome,
+    advice,
+    combine_trajectories,
+    contact_bounds,
+    gate_cell,
+    run_trajectories,
+    verdict,
+)
 from .refine import RefineConfig
 
 if TYPE_CHECKING:
@@ -200,20 +210,32 @@ def fresh_frames(
 
 
 # ---------------------------------------------------------------------- the gate, here or beside
-def _gate_job(task: tuple) -> tuple[dict[str, float], list[str], list[Atoms]]:
-    """:func:`~.gate.stability_gate` of the final student (a picklable task: it may run in a spawned process):
-    (metrics, reasons, the frames before a failure)."""
+def _gate_job(task: tuple) -> tuple[list[TrajectoryOutcome], float | None]:
+    """The gate's trajectories ``indices`` (:func:`~.gate.run_trajectories`) with the final student (a picklable
+    task: it may run in a spawned process): (their outcomes, 1.0 when the student ran as a compiled graph, 0.0
+    when eagerly, None when no trajectory ran).
+    ``failed``, an event shared with the process running the others (or None), stops both at the first failure."""
     from ..calculator import StudentCalculator
 
-    model, reference, temperatures, config, bound, pair_bounds, seed, dtype = task
+    model, cell, temperatures, config, bound, pair_bounds, seed, dtype, indices, failed = task
     calculator = StudentCalculator(model, dtype=dtype, compile=config.compile)
-    frames: list[Atoms] = []
-    metrics, reasons = stability_gate(calculator, reference, temperatures, config, bound, seed, pair_bounds, frames)
+    stop = failed.is_set if failed is not None else None
+    outcomes = run_trajectories(
+        calculator, cell, temperatures, config, bound, pair_bounds, seed, indices, keep_failure=True, stop=stop
+    )
+    if failed is not None and any(outcome.reasons for outcome in outcomes):
+        failed.set()
+    if not outcomes:
+        return outcomes, None
     graphs = getattr(calculator.model, "compiled", None)
-    # 1.0 when the student ran as a compiled graph (a failed trace or compilation falls back to eager, with a warning)
-    metrics["compiled"] = float(graphs is not None and any(g is not None for g in graphs.graphs.values()))
-    # Plain copies: the frames carry the gate's masses (heavy hydrogen) and momenta, which labels must not.
-    kept = [
+    # A failed trace or compilation falls back to eager, with a warning.
+    return outcomes, float(graphs is not None and any(g is not None for g in graphs.graphs.values()))
+
+
+def _failure_copies(frames: Sequence[Atoms], temperature: float) -> list[Atoms]:
+    """Plain copies of the gate's failure frames, with their provenance: the frames carry the gate's masses
+    (heavy hydrogen) and momenta, which labels must not."""
+    return [
         fresh_copy(
             frame,
             provenance=(
@@ -226,11 +248,10 @@ def _gate_job(task: tuple) -> tuple[dict[str, float], list[str], list[Atoms]]:
             gate_failure=frame.info["gate_failure"],
             step=int(frame.info["step"]),
             time_ps=float(frame.info["time_ps"]),
-            temperature_K=float(metrics["temperature_K"]),
+            temperature_K=temperature,
         )
         for frame in frames
     ]
-    return metrics, reasons, kept
 
 
 @contextlib.contextmanager
@@ -241,11 +262,9 @@ def _beside(job: Callable[[tuple], Any], task: tuple, parallel: bool) -> Iterato
     if not parallel:
         yield lambda: job(task)
         return
-    import multiprocessing
-
     from ..teachers.labelling import single_threaded_children
 
-    context = multiprocessing.get_context("spawn")
+    context = _spawn_context()
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_send_result, args=(job, task, sender), daemon=True)
     with single_threaded_children():
@@ -272,6 +291,13 @@ def _beside(job: Callable[[tuple], Any], task: tuple, parallel: bool) -> Iterato
         if process.is_alive():
             process.terminate()
         process.join()
+
+
+def _spawn_context() -> Any:
+    """The multiprocessing context of :func:`_beside` (spawn: a fresh interpreter, safe beside torch's threads)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
 
 
 def _send_result(job: Callable[[tuple], Any], task: tuple, sender: Any) -> None:
@@ -407,18 +433,31 @@ def distillation_report(
     times["speed_s"] = time.perf_counter() - clock
 
     # The task may be pickled into another process: the student pickles its compiled graphs as their mode only,
-    # and Atoms.copy() leaves the teacher's calculator behind.
-    gate_task = (
-        student,
-        reference.copy(),
-        list(target_temperatures),
-        config.gate,
-        min_distance_bound,
-        dict(pair_bounds),
-        seed,
-        student_dtype,
-    )
-    with _beside(_gate_job, gate_task, config.parallel) as gate_result:
+    # and the cell carries no calculator. With several trajectories and a second process, that process runs the
+    # even ones and this one the odd ones once its own work is done: on two cores a passing gate of 3 trajectories
+    # then takes 2 of them in time, not 3; the first failure on either side stops both.
+    cell = gate_cell(reference, config.gate)
+    trajectories = range(config.gate.trajectories)
+    shared = config.parallel and config.gate.trajectories > 1
+    failed = _spawn_context().Event() if shared else None
+    there = trajectories[::2] if shared else trajectories
+
+    def gate_task(indices: Sequence[int]) -> tuple:
+        return (
+            student,
+            cell,
+            list(target_temperatures),
+            config.gate,
+            min_distance_bound,
+            dict(pair_bounds),
+            seed,
+            student_dtype,
+            list(indices),
+            failed,
+        )
+
+    here: tuple[list[TrajectoryOutcome], float | None] = ([], None)
+    with _beside(_gate_job, gate_task(there), config.parallel) as gate_result:
         # The fresh frames (the student's MD, then teacher labels) run beside the gate too: they time nothing.
         clock = time.perf_counter()
         if config.fresh_frames > 0:
@@ -453,7 +492,14 @@ def distillation_report(
             precise = StudentCalculator(student, dtype=torch.float64)
             metrics.update(observables_report(precise, teacher, reference, output, seed=seed, **config.observables))
             times["observables_s"] = time.perf_counter() - clock
-    gate_metrics, gate_reasons, failure_frames = gate_result()
+        if shared:
+            here = _gate_job(gate_task(trajectories[1::2]))
+    outcomes, compiled = gate_result()
+    gate_metrics, gate_reasons, frames = combine_trajectories(
+        outcomes + here[0], cell, target_temperatures, config.gate, min_distance_bound, pair_bounds
+    )
+    gate_metrics["compiled"] = min((c for c in (compiled, here[1]) if c is not None), default=0.0)
+    failure_frames = _failure_copies(frames, gate_metrics["temperature_K"])
     metrics.update({f"gate/{name}": value for name, value in gate_metrics.items()})
     failure_path = output / GATE_FAILURE_FRAMES
     failure_path.unlink(missing_ok=True)  # a rerun's file must not speak of another student

@@ -22,6 +22,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,13 +135,15 @@ class MDSummary:
     """With ``keep_frames``: copies of the states at every ``write_interval``-th step after
     ``equilibration_steps`` that passed the stability check (ASE ``Atoms`` with momenta; ``info["step"]``,
     ``info["time_ps"]``)."""
+    cancelled: bool = False
+    """The caller's ``cancel`` stopped the run before its last step (it is neither finished nor unstable)."""
 
     def metrics(self, prefix: str = "md/") -> dict[str, Any]:
         """The scalar fields as ``{prefix + name: value}`` (``stable`` as 1.0 / 0.0)."""
         out = {
             k: getattr(self, k)
             for k in self.__dataclass_fields__
-            if k not in ("thermo", "final", "frames", "reason", "engine", "ensemble")
+            if k not in ("thermo", "final", "frames", "reason", "engine", "ensemble", "cancelled")
         }
         out["stable"] = 1.0 if self.stable else 0.0
         return {prefix + name: value for name, value in out.items()}
@@ -183,6 +186,7 @@ def run_md(
     engine_options: dict[str, Any] | None = None,
     keep_frames: bool = False,
     keep_equilibration: bool = False,
+    cancel: Callable[[], bool] | None = None,
 ) -> MDSummary:
     """Run MD of ``atoms`` with ``model`` in ``engine`` and return its summary (also when it became unstable).
 
@@ -199,6 +203,7 @@ def run_md(
         engine_options: extra keyword arguments for the engine (see each engine's class).
         keep_frames: keep the frames of :attr:`MDSummary.frames` in memory.
         keep_equilibration: with ``keep_frames``, keep those of the equilibration steps too.
+        cancel: asked after every ``thermo_interval`` steps; True stops the run there (``MDSummary.cancelled``).
     """
     from ..calculator import StudentCalculator
     from .engines import make_engine
@@ -224,7 +229,7 @@ def run_md(
     if isinstance(model, StudentPotential):
         model.reset_closest()
     runner.start(atoms, model, settings, start_step)
-    step, wall, reason = start_step, 0.0, None
+    step, wall, reason, cancelled = start_step, 0.0, None, False
     frames: list[Any] = []
 
     def keep(frame: Any) -> None:
@@ -268,6 +273,9 @@ def run_md(
             output.frame(
                 step, frame, energy, recorder, trajectory=reason is not None or step % settings.write_interval == 0
             )
+            if reason is None and step < settings.steps and cancel is not None and cancel():
+                cancelled = True
+                break
     finally:
         runner.close()
         output.close(recorder)
@@ -290,6 +298,7 @@ def run_md(
         min_distance_bound=guard.min_distance,
         final=frame,
         frames=frames,
+        cancelled=cancelled,
         **recorder.summary(settings.ensemble, max(start_step, settings.equilibration_steps)),
     )
 

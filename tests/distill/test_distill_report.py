@@ -13,13 +13,15 @@ import pytest
 import torch
 from ase.calculators.emt import EMT
 
+from mlff_distiller.calculator import StudentCalculator
 from mlff_distiller.data import keys
 from mlff_distiller.data.module import AtomsDataModule
-from mlff_distiller.distill.gate import GateConfig
+from mlff_distiller.distill.gate import GateConfig, combine_trajectories, gate_cell, stability_gate
 from mlff_distiller.distill.report import (
     ReportConfig,
     _beside,
     _gate_job,
+    _spawn_context,
     distillation_report,
     print_report,
     speed_structures,
@@ -137,7 +139,8 @@ def test_the_gate_run_beside_in_a_second_process_is_the_gate_run_here(distilled)
     _, model, _, _ = distilled
     seeds = seed_structures("CuAu", min_atoms=8, num_seeds=2)
     gate = GateConfig(nvt_ps=0.06, nve_ps=0.06, min_atoms=32, record_every=5)
-    task = (model, seeds[0].copy(), [600.0], gate, 1.5, {"Cu-Cu": 1.6}, 0, torch.float32)
+    cell = gate_cell(seeds[0], gate)
+    task = (model, cell, [600.0], gate, 1.5, {"Cu-Cu": 1.6}, 0, torch.float32, [0], None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -148,11 +151,47 @@ def test_the_gate_run_beside_in_a_second_process_is_the_gate_run_here(distilled)
         assert torch.get_num_threads() == 1  # this process leaves the other core to the gate meanwhile
     assert torch.get_num_threads() == threads
     there = beside()
-    timing = ("seconds", "nvt/ns_per_day", "nve/ns_per_day")
-    assert {k: v for k, v in there[0].items() if k not in timing} == {
-        k: v for k, v in here[0].items() if k not in timing
+    ((here_outcome,), _), ((there_outcome,), _) = here, there
+    timing = ("nvt/ns_per_day", "nve/ns_per_day")
+    assert {k: v for k, v in there_outcome.metrics.items() if k not in timing} == {
+        k: v for k, v in here_outcome.metrics.items() if k not in timing
     }
-    assert there[1] == here[1] and here[0]["nvt/time_ps"] == pytest.approx(0.06)  # (a toy: its NVE may fail)
+    assert there_outcome.reasons == here_outcome.reasons and here_outcome.metrics["nvt/time_ps"] == pytest.approx(0.06)
+
+
+def test_trajectories_shared_between_two_processes_make_the_gate_run_in_one(distilled):
+    """With ``trajectories`` > 1 the report's second process runs the even trajectories and this one the odd:
+    the combined gate is the gate that ran them in turn, and a failure on one side stops the other."""
+    _, model, _, _ = distilled
+    seeds = seed_structures("CuAu", min_atoms=8, num_seeds=2)
+    # The toy student heats up at 900 K: a wide temperature tolerance lets all three trajectories pass.
+    gate = GateConfig(nvt_ps=0.04, nve_ps=0.0, min_atoms=32, record_every=5, trajectories=3, temperature_tolerance=5.0)
+    cell = gate_cell(seeds[0], gate)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        calculator = StudentCalculator(model)
+        in_turn, in_turn_reasons = stability_gate(calculator, seeds[0], [600.0], gate, 1.5, 0, {"Cu-Cu": 1.6})
+        failed = _spawn_context().Event()
+
+        def task(indices):
+            return (model, cell, [600.0], gate, 1.5, {"Cu-Cu": 1.6}, 0, torch.float32, indices, failed)
+
+        with _beside(_gate_job, task([0, 2]), parallel=True) as beside:
+            odd, _ = _gate_job(task([1]))
+        even, _ = beside()
+    finally:
+        torch.set_num_threads(threads)
+    assert [o.index for o in even] == [0, 2] and [o.index for o in odd] == [1]
+    shared, reasons, _ = combine_trajectories(even + odd, cell, [600.0], gate, 1.5, {"Cu-Cu": 1.6})
+    assert in_turn["trajectories_passed"] == shared["trajectories_passed"] == 3.0 and reasons == in_turn_reasons == []
+    timing = ("seconds",)
+    assert {k: v for k, v in shared.items() if not k.endswith(("ns_per_day", *timing))} == {
+        k: v for k, v in in_turn.items() if not k.endswith(("ns_per_day", *timing))
+    }
+    # Set by a failure elsewhere, the event stops a process before its next trajectory.
+    failed.set()
+    assert _gate_job(task([1])) == ([], None)
 
 
 def _fails(task):

@@ -15,8 +15,11 @@ from ase.calculators.morse import MorsePotential
 from mlff_distiller.distill.gate import (
     GateConfig,
     advice,
+    combine_trajectories,
     contact_bounds,
+    gate_cell,
     largest_energy_jump,
+    run_trajectories,
     stability_gate,
     verdict,
 )
@@ -82,6 +85,43 @@ def test_more_trajectories_each_run_with_their_own_velocities_and_all_must_pass(
     assert frames and {f.info["gate_trajectory"] for f in frames} == {0}
     with pytest.raises(ValueError, match=r"distill_report.gate.trajectories=0 is invalid"):
         GateConfig(trajectories=0)
+
+
+def test_a_trajectory_is_the_same_whichever_call_runs_it_and_the_lowest_failure_gives_the_frames():
+    config = GateConfig(**SHORT, trajectories=3)
+    cell = gate_cell(copper(), config)
+    in_turn, _ = stability_gate(EMT(), copper(), [300.0], config, 1.5)
+    apart = run_trajectories(EMT(), cell, [300.0], config, 1.5, None, 0, [2]) + run_trajectories(
+        EMT(), cell, [300.0], config, 1.5, None, 0, [1, 0]
+    )
+    combined, reasons, frames = combine_trajectories(apart, cell, [300.0], config, 1.5, None)
+    assert reasons == [] and frames == [] and combined["passed"] == 1.0
+    assert {k: v for k, v in combined.items() if not k.endswith(("ns_per_day", "seconds"))} == {
+        k: v for k, v in in_turn.items() if not k.endswith(("ns_per_day", "seconds"))
+    }
+    assert run_trajectories(EMT(), cell, [300.0], config, 1.5, None, 0, [0, 1], stop=lambda: True) == []
+    # A failure elsewhere during a trajectory stops it at the next check: dropped, neither passed nor failed.
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 3
+
+    assert run_trajectories(EMT(), cell, [300.0], config, 1.5, None, 0, [0, 1], stop=stop) == [] and len(asked) == 4
+    settings = MDSettings(ensemble="nve", temperature_K=300.0, timestep_fs=2.0, steps=50, thermo_interval=5)
+    checks = []
+    cancelled = run_md(EMT(), cell, settings, cancel=lambda: checks.append(1) or len(checks) == 2)
+    assert (
+        cancelled.cancelled and cancelled.stable and cancelled.steps == 10 and "md/cancelled" not in cancelled.metrics()
+    )
+    # Two failed trajectories (from two processes): both reasons, the frames of the lower index only.
+    collapsing = MorsePotential(epsilon=1.0, r0=1.0, rho0=3.0, rcut1=3.0, rcut2=4.0)
+    failures = run_trajectories(collapsing, cell, [300.0], config, 1.5, None, 0, [2], keep_failure=True)
+    failures += run_trajectories(collapsing, cell, [300.0], config, 1.5, None, 0, [1, 0], keep_failure=True)
+    assert [o.index for o in failures] == [2, 1]  # each call stops at its first failure
+    metrics, reasons, frames = combine_trajectories(failures, cell, [300.0], config, 1.5, None)
+    assert [r.split(":")[0] for r in reasons] == ["trajectory 1", "trajectory 2"] and metrics["passed"] == 0.0
+    assert frames and {f.info["gate_trajectory"] for f in frames} == {1} and metrics["trajectories_passed"] == 0.0
 
 
 def test_a_failed_gate_keeps_its_sane_frames_of_the_window_before_the_failure():
