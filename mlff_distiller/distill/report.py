@@ -218,11 +218,17 @@ def _gate_job(task: tuple) -> tuple[list[TrajectoryOutcome], float | None]:
     from ..calculator import StudentCalculator
 
     model, cell, temperatures, config, bound, pair_bounds, seed, dtype, indices, failed = task
-    calculator = StudentCalculator(model, dtype=dtype, compile=config.compile)
-    stop = failed.is_set if failed is not None else None
-    outcomes = run_trajectories(
-        calculator, cell, temperatures, config, bound, pair_bounds, seed, indices, keep_failure=True, stop=stop
-    )
+    try:
+        calculator = StudentCalculator(model, dtype=dtype, compile=config.compile)
+        stop = failed.is_set if failed is not None else None
+        outcomes = run_trajectories(
+            calculator, cell, temperatures, config, bound, pair_bounds, seed, indices, keep_failure=True, stop=stop
+        )
+    except BaseException:
+        # An error here ends the report: the other side must not run its trajectories to the end first.
+        if failed is not None:
+            failed.set()
+        raise
     if failed is not None and any(outcome.reasons for outcome in outcomes):
         failed.set()
     if not outcomes:

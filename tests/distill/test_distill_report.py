@@ -192,6 +192,11 @@ def test_trajectories_shared_between_two_processes_make_the_gate_run_in_one(dist
     # Set by a failure elsewhere, the event stops a process before its next trajectory.
     failed.set()
     assert _gate_job(task([1])) == ([], None)
+    # An error on one side sets it too, so the other does not run its trajectories to the end first.
+    failed = _spawn_context().Event()
+    with pytest.raises(TypeError, match="StudentPotential needs an atomistic student"):
+        _gate_job((None, cell, [600.0], gate, 1.5, {}, 0, torch.float32, [1], failed))
+    assert failed.is_set()
 
 
 def _fails(task):
