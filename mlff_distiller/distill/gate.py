@@ -57,8 +57,9 @@ class GateConfig:
     """Length of the NVE run that follows it, ps."""
     trajectories: int = 1
     """Independent trajectories (NVT then NVE from the same cell, each with its own velocities and thermostat
-    noise), one after another until one fails; the gate passes when every one does. A student can survive one
-    trajectory and fail the next: more of them make a pass mean more, at up to that many times the cost."""
+    noise), until one fails; the gate passes when every one does. A student can survive one trajectory and fail
+    the next: more of them make a pass mean more, at up to that many times the MD (the report's two processes
+    share them when it runs the gate beside its other work)."""
     temperature_factor: float = 1.5
     """The NVT run is at this x the highest target temperature."""
     min_atoms: int = 108
