@@ -82,3 +82,12 @@ HESSIAN_METHOD_INFO = "hessian_method"
 """``atoms.info`` entry of structures with Hessian rows: how they were computed, ``"fd"`` (central
 differences of the teacher's forces), ``"autograd"`` (double backward through a torch teacher) or
 ``"calculator"`` (the teacher's own ``hessian_rows`` method)."""
+
+TRAIN_ONLY = "train_only"
+"""An ``atoms.info`` flag, not a batch entry: a structure with it true is never drawn into a validation or test
+split, nor counted in the students' statistics (e.g. the sampler's contact copies, whose energies and forces lie
+far outside what those measure); it is trained on unless ``DERIVED_FROM`` a held-out structure."""
+
+DERIVED_FROM = "derived_from"
+"""An ``atoms.info`` entry: the ``provenance`` of the structure this one was made from. A ``TRAIN_ONLY`` structure
+derived from one that a drawn split holds out is not trained on (it is a near-twin of a validation or test one)."""

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from . import keys
 from .batch import collate_atoms
 from .dataset import AtomsDataset, DataError, check_cutoff, metric_groups_of, read_labelled_structures
 from .statistics import DatasetStatistics, compute_statistics
@@ -95,10 +96,13 @@ class AtomsDataModule:
             if file not in files:
                 files[file] = read_labelled_structures(file, energy_key, forces_key, stress_key=stress_key)
         structures = files[self.path]
-        available = len(structures) - drawn["val"] - drawn["test"]
+        drawable = sum(1 for atoms in structures if not atoms.info.get(keys.TRAIN_ONLY, False))
+        available = drawable - drawn["val"] - drawn["test"]
         if available < 1:
             raise DataError(
-                f"{str(self.path)!r} holds {len(structures)} structures: too few for num_val={drawn['val']} "
+                f"{str(self.path)!r} holds {drawable} structures"
+                f"{f' (and {len(structures) - drawable} train-only ones)' if drawable < len(structures) else ''}: "
+                f"too few for num_val={drawn['val']} "
                 f"and num_test={drawn['test']} with at least one left to train on."
             )
         self.split_indices = _split(structures, drawn["val"], drawn["test"], num_train, seed, group_key)
@@ -127,7 +131,14 @@ class AtomsDataModule:
             )
             for name in SPLITS
         }
-        self.statistics: DatasetStatistics = compute_statistics(self.datasets["train"].graphs)
+        # Without the train-only structures (contact copies: forces of tens of eV/Å), which would set the
+        # students' force scale and reference energies far from the structures they are used on.
+        typical = [
+            graph
+            for graph, atoms in zip(self.datasets["train"].graphs, self._structures["train"])
+            if not atoms.info.get(keys.TRAIN_ONLY, False)
+        ]
+        self.statistics: DatasetStatistics = compute_statistics(typical)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.seed = seed
@@ -214,9 +225,15 @@ def _split(
 ) -> dict[str, list[int]]:
     """Seeded random split. With ``group_key``, structures sharing ``atoms.info[group_key]`` (e.g. the
     snapshots of one MD run) stay on one side, so correlated neighbours cannot leak from train into
-    val/test; val and test then overshoot their sizes by less than one group."""
+    val/test; val and test then overshoot their sizes by less than one group. Structures flagged
+    ``atoms.info[keys.TRAIN_ONLY]`` are never drawn, and the others split as if they were absent; they are trained
+    on unless derived (``keys.DERIVED_FROM``) from a structure held out. ``num_train`` counts them last."""
     groups: dict[Any, list[int]] = {}
+    train_only: list[int] = []
     for index, atoms in enumerate(structures):
+        if atoms.info.get(keys.TRAIN_ONLY, False):
+            train_only.append(index)
+            continue
         key = atoms.info.get(group_key) if group_key is not None else None
         groups.setdefault(("single", index) if key is None else ("group", key), []).append(index)
     members = list(groups.values())
@@ -227,9 +244,19 @@ def _split(
         split[name].extend(members[position])
     if not split["train"]:
         raise DataError(
-            f"Splitting {len(structures)} structures into num_val={num_val} and num_test={num_test}"
-            f"{f' by {group_key!r}' if group_key else ''} leaves none to train on."
+            f"Splitting {len(structures) - len(train_only)} structures into num_val={num_val} and "
+            f"num_test={num_test}{f' by {group_key!r}' if group_key else ''} leaves none to train on"
+            f"{f' (the {len(train_only)} train-only ones do not count)' if train_only else ''}."
         )
+    held_out = {structures[i].info.get("provenance") for name in ("val", "test") for i in split[name]} - {None}
+    kept = [i for i in train_only if structures[i].info.get(keys.DERIVED_FROM) not in held_out]
+    if len(kept) < len(train_only):
+        log.info(
+            "Left out %d of %d train-only structures: derived from validation or test ones.",
+            len(train_only) - len(kept),
+            len(train_only),
+        )
+    split["train"].extend(kept)
     if num_train is not None:
         split["train"] = split["train"][:num_train]
     return split

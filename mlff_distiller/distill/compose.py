@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..cli import CLIError
-from .gate import DistillationFailed, advice, contact_bounds
+from .gate import DistillationFailed, advice, sampled_bounds
 
 if TYPE_CHECKING:
     from ..training import TrainingConfig
@@ -125,11 +125,12 @@ def active_loop(cfg: DictConfig, training_config: TrainingConfig) -> LoopResult 
     except ValueError as error:  # the budget cannot hold round 0: said before any work
         raise CLIError(str(error)) from None
     held_out = int(cfg.data.get("num_val") or 0) + int(cfg.data.get("num_test") or 0)
-    most = loop.most_structures()
+    most = loop.most_structures() - sampling.num_contacts  # contact copies are never held out
     if most <= held_out:
         calls = sampling.teacher_calls_per_structure()
         raise CLIError(
-            f"The final training set can hold at most {most} structures (round 0 and "
+            f"The final training set can hold at most {most} structures"
+            f"{f' besides {sampling.num_contacts} contact copies' if sampling.num_contacts else ''} (round 0 and "
             f"distill.rounds x distill.per_round, as far as distill.teacher_budget={loop_config.teacher_budget} "
             f"pays for them at {calls} teacher call{'s' if calls != 1 else ''} each), too few for "
             f"data.num_val={cfg.data.num_val} and data.num_test={cfg.data.num_test} with any left to train on: "
@@ -162,7 +163,6 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
 
     from ..data.dataset import read_labelled_structures
     from ..teachers.calculators import make_calculator
-    from ..teachers.structures import min_distance
     from ..training import load_model_weights
     from .refine import frames_within_budget
     from .report import GATE_FAILURE_FRAMES, ReportConfig, distillation_report, print_report
@@ -185,8 +185,7 @@ def final_report(cfg: DictConfig, trainer: Any, data: Any, output_dir: Path, loo
     # The closest-approach bound comes from round 0 (the sampled set), as in the loop's exploration: the
     # explored structures the loop added may hold closer contacts, which must not loosen the gate.
     sampled = read_labelled_structures(loop.round0 if loop is not None else data.split_files["train"])
-    bound = config.gate.min_distance_fraction * min(min_distance(atoms) for atoms in sampled)
-    pair_bounds = contact_bounds(sampled, config.gate.min_distance_fraction)
+    bound, pair_bounds = sampled_bounds(sampled, config.gate.min_distance_fraction)
     used = loop.teacher_calls_train if loop is not None else 0
     refined: dict[str, Any] = {}
     final_training = round(sum(trainer.history.get("epoch_time_s", [])), 2)

@@ -59,13 +59,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..data.keys import TRAIN_ONLY
 from ..teachers.cache import announce, cache_key, canonical, default_cache_dir, exclusive_lock, write_text_atomic
 from ..teachers.cache import write_structures_atomic as write_structures
-from ..teachers.structures import default_timestep_fs, fresh_copy, min_distance, random_strain, supercell
+from ..teachers.structures import default_timestep_fs, fresh_copy, random_strain, supercell
 from ..training.callbacks import Callback
 from ..training.config import check_known_fields
 from .budget import total_teacher_calls
-from .gate import contact_bounds
+from .gate import sampled_bounds
 from .refine import label_like_round0
 
 if TYPE_CHECKING:
@@ -419,12 +420,14 @@ class ActiveLoop:
         budget = self.config.teacher_budget
         if budget is not None and calls0 > budget:
             raise ValueError(f"Round 0 cost {calls0} teacher calls, more than distill.teacher_budget={budget}.")
-        forces = np.concatenate([atoms.get_forces().reshape(-1) for atoms in round0_structures])
+        # The force scale and the bounds come from what MD and the copies of the seeds measure: the contact
+        # copies (train_only) hold forces of tens of eV/Å and pairs pushed inside the bounds on purpose.
+        measured = [atoms for atoms in round0_structures if not atoms.info.get(TRAIN_ONLY, False)]
+        forces = np.concatenate([atoms.get_forces().reshape(-1) for atoms in measured])
         self.force_scale = float(forces.std())
-        self.bound = self.config.min_distance_fraction * min(min_distance(a) for a in round0_structures)
         # Per element pair too: in water the O-H bond sets the overall bound (0.49 Å), and a run whose oxygens
         # met at 0.85 Å went on to give candidates (labelled by the teacher with forces of 40-60 eV/Å).
-        self.pair_bounds = contact_bounds(round0_structures, self.config.min_distance_fraction)
+        self.bound, self.pair_bounds = sampled_bounds(round0_structures, self.config.min_distance_fraction)
         state = self.state_directory()
         state.mkdir(parents=True, exist_ok=True)
         self.state = state
@@ -726,10 +729,12 @@ class ActiveLoop:
         runs = explore.runs or len(plan)
         rng = np.random.default_rng([self.config.seed, r, 7])
         driver = StudentPotential(members[0])
+        # Not from a contact copy (train_only): its pushed pair would spring apart into a hot, off-target run.
+        starts = [atoms for atoms in training if not atoms.info.get(TRAIN_ONLY, False)]
         frames: list[Atoms] = []
         for run in range(runs):
             variant, temperature = plan[run % len(plan)]
-            start = fresh_copy(training[int(rng.integers(len(training)))])
+            start = fresh_copy(starts[int(rng.integers(len(starts)))])
             if start.pbc.all() and variant == "strained":
                 start.set_cell(start.cell.array @ random_strain(rng, explore.strain_max), scale_atoms=True)
             elif start.pbc.all() and variant == "large":

@@ -10,7 +10,7 @@ constant), a molecule (``"H2O"``, ``"CH3CH2OH"``: ``ase.build.molecule``) or a b
 a list of temperatures driven by any calculator (the teacher, a cheap stand-in such as EMT, or a
 student), and drops duplicates (:func:`deduplicate`). Every structure records how it was made in
 ``atoms.info``: ``provenance`` (e.g. ``"md:T=600K:seed=1:run=3:step=40"``), ``config_type`` (``seed``,
-``rattle``, ``md_600K``) and, for MD, ``md_run`` (the split's group key), ``md_snapshot`` and
+``rattle``, ``md_600K``, ``contact``) and, for MD, ``md_run`` (the split's group key), ``md_snapshot`` and
 ``temperature_K``. :func:`build_distillation_dataset` labels them with a teacher (optionally with Hessian
 rows) into a cached, resumable file, as :func:`~mlff_distiller.teachers.generate.build_default_dataset`
 does for the built-in set; :class:`SamplingConfig` is its typed, validated recipe.
@@ -204,6 +204,138 @@ def volume_copies(seeds: Sequence[Atoms], volume_changes: Sequence[float]) -> li
     return out
 
 
+FRAGMENT_BOND_FACTOR = 1.3
+"""Two atoms closer than this x the sum of their covalent radii are bonded (:func:`contact_copies` moves bonded
+fragments whole): 1.26 Å for O-H, beyond a thermal O-H bond (rattled by 0.05 Å, 1.17 Å) and short of a hydrogen
+bond (1.8 Å)."""
+
+CONTACT_DRAWS = 100
+"""Draws of a contact copy before giving up, when every pushed pair brought other atoms too close."""
+
+
+def bonded_fragments(atoms: Atoms) -> np.ndarray:
+    """The bonded fragment of each atom, as a label (connected components of bonds, :data:`FRAGMENT_BOND_FACTOR`)."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=FRAGMENT_BOND_FACTOR))
+    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(len(atoms), len(atoms)))
+    return connected_components(graph, directed=False)[1]
+
+
+def push_pair(
+    atoms: Atoms,
+    i: int,
+    j: int,
+    distance: float,
+    fragments: np.ndarray | None = None,
+    vector: np.ndarray | None = None,
+) -> Atoms:
+    """A copy of ``atoms`` with atoms ``i`` and ``j`` at ``distance`` (Å, minimum image), each moved by half the
+    change along the line joining them, with its bonded fragment (``fragments``: :func:`bonded_fragments`)
+    unless the two share one or it holds more than half the atoms (then the atom alone moves). ``vector``: the
+    minimum-image vector from i to j, when already computed."""
+    label = bonded_fragments(atoms) if fragments is None else fragments
+    if vector is None:
+        vector = atoms.get_distance(i, j, mic=bool(atoms.pbc.any()), vector=True)
+    before = float(np.linalg.norm(np.asarray(vector)[None], axis=1)[0])  # as a row: the rounding of contact_copies'
+    shift = vector / before * (before - distance) / 2
+    out = atoms.copy()
+    for atom, other, sign in ((i, j, 1.0), (j, i, -1.0)):
+        moving = np.flatnonzero(label == label[atom])
+        if label[atom] == label[other] or len(moving) > len(atoms) // 2:
+            moving = np.array([atom])
+        out.positions[moving] += sign * shift
+    return out
+
+
+def contact_copies(
+    bases: Sequence[Atoms],
+    count: int,
+    fraction_range: Sequence[float] = (0.7, 1.0),
+    seed: int = 0,
+    neighbours: int = 3,
+) -> list[Atoms]:
+    """``count`` copies of ``bases`` (drawn at random), each with one pair of atoms pushed together along the line
+    that joins them: the teacher's short-range wall, which MD at the target temperatures rarely reaches and a
+    student left without it can fall through in a long run (a CHGNet water student's O-O wall turned over at
+    1.6 Å, where the teacher's pushes the oxygens apart at 40 eV/Å; ``benchmarks/contact_walls.py``).
+
+    The pair: an element pair drawn uniformly among those present, a random atom of one of its elements and one
+    of the ``neighbours`` nearest atoms of the other (minimum image), so that bonded and non-bonded contacts of
+    every element pair come up. Its new distance is a fraction, drawn uniformly from ``fraction_range``, of that
+    element pair's closest contact over all of ``bases`` (never more than the pair's own distance); the stability
+    gate fails a run whose pair comes closer than 0.6 x that contact, so ``(0.7, 1.0)`` labels most of the range
+    between what MD sampled and the gate's bound. Each atom moves by half the change with its bonded fragment
+    (:data:`FRAGMENT_BOND_FACTOR`: a water molecule moves whole), unless the two share a fragment or it holds
+    more than half the atoms (a bond, a metal: the atom alone moves). A draw that brings any other pair closer
+    than ``fraction_range[0]`` x its contact is drawn again, element pair included, so the pairs kept favour
+    those that can be pushed alone (the SevenNet water recipe's 32: 19 H-H, 9 O-O, 4 O-H).
+
+    Each copy has ``config_type="contact"``, ``train_only=True`` (trained on only: its energies and forces are far
+    outside what validation and test measure, and it must not set the gate's bounds) and ``derived_from``, the
+    provenance of its base (a copy of a held-out structure is not trained on either:
+    :mod:`mlff_distiller.data.module`)."""
+    from ..data.keys import DERIVED_FROM, TRAIN_ONLY
+    from ..md.stability import closest_contacts, pair_name
+
+    if count <= 0:
+        return []
+    if not bases:
+        raise ValueError("contact_copies needs at least one base structure.")
+    low, high = (float(f) for f in fraction_range)
+    contacts = closest_contacts(bases)
+    fragments: dict[int, np.ndarray] = {}
+    streams = np.random.SeedSequence([SAMPLER_VERSION, seed, 3]).spawn(count)
+    out = []
+    for stream in streams:
+        rng = np.random.default_rng(stream)
+        for _ in range(CONTACT_DRAWS):
+            index = int(rng.integers(len(bases)))
+            base = bases[index]
+            numbers = base.numbers
+            elements = np.unique(numbers)
+            pairs = [(a, b) for a in elements for b in elements if a <= b and (a != b or np.sum(numbers == a) > 1)]
+            if not pairs:
+                raise ValueError(f"contact_copies: base structure {index} has a single atom; no pair to push together.")
+            first, second = rng.permutation(pairs[int(rng.integers(len(pairs)))])  # each element pair as often
+            i = int(rng.choice(np.flatnonzero(numbers == first)))
+            vectors = base.get_distances(i, range(len(base)), mic=bool(base.pbc.any()), vector=True)
+            distances = np.linalg.norm(vectors, axis=1)
+            candidates = [j for j in np.argsort(distances, kind="stable") if j != i and numbers[j] == second]
+            j = int(candidates[int(rng.integers(min(neighbours, len(candidates))))])
+            name = pair_name((int(numbers[i]), int(numbers[j])))
+            before = float(distances[j])
+            after = min(before, float(rng.uniform(low, high)) * contacts.get(name, before))
+            if index not in fragments:
+                fragments[index] = bonded_fragments(base)
+            atoms = push_pair(base, i, j, after, fragments[index], vectors[j])
+            if _respects_contacts(atoms, contacts, low):
+                break
+        else:
+            raise ValueError(
+                f"contact_copies: {CONTACT_DRAWS} draws each brought some pair closer than {low:g} x its closest "
+                "contact; raise the low end of data.source.contact_range."
+            )
+        provenance = f"contact:base={index}:pair={name}:i={i}:j={j}:from={before:.3f}:to={after:.3f}"
+        info = {TRAIN_ONLY: True, DERIVED_FROM: base.info.get("provenance", f"base={index}")}
+        out.append(fresh_copy(atoms, provenance=provenance, config_type="contact", **info))
+    return out
+
+
+def _respects_contacts(atoms: Atoms, contacts: Mapping[str, float], fraction: float) -> bool:
+    """Whether every pair of ``atoms`` is at least ``fraction`` x its element pair's entry of ``contacts``."""
+    from ..md.stability import pair_name
+
+    distances = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+    i, j = np.triu_indices(len(atoms), k=1)
+    numbers = atoms.numbers
+    names = [pair_name((int(a), int(b))) for a, b in zip(numbers[i], numbers[j])]
+    limits = np.array([fraction * contacts.get(name, 0.0) for name in names])
+    return bool(np.all(distances[i, j] >= limits * (1 - 1e-9)))
+
+
 def md_samples(
     seeds: Sequence[Atoms],
     calculator: Any,
@@ -292,18 +424,20 @@ def deduplicate(structures: Sequence[Atoms], tolerance: float = 0.01) -> list[At
 
 
 def sample_structures(seeds: Sequence[Atoms], md_calculator: Any | None, config: SamplingConfig) -> list[Atoms]:
-    """The seeds, their ``config.volume_scan`` copies, ``config.num_rattle`` rattled + strained copies and MD
-    snapshots (needs ``md_calculator`` when ``config.temperatures`` is not empty), deduplicated; each with its
+    """The seeds, their ``config.volume_scan`` copies, ``config.num_rattle`` rattled + strained copies, MD
+    snapshots (needs ``md_calculator`` when ``config.temperatures`` is not empty) and ``config.num_contacts``
+    copies of the snapshots with a pair pushed together (:func:`contact_copies`), deduplicated; each with its
     provenance in ``atoms.info``."""
     if not seeds:
         raise ValueError("sample_structures needs at least one seed structure.")
     seeds = [fresh_copy(a, **{"config_type": "seed", "seed_index": i, **a.info}) for i, a in enumerate(seeds)]
     rattled = rattle_and_strain(seeds, config.num_rattle, config.rattle_std, config.strain_max, config.seed)
     structures = list(seeds) + volume_copies(seeds, config.volume_scan) + rattled
+    snapshots: list[Atoms] = []
     if config.temperatures and config.snapshots_per_run > 0:
         if md_calculator is None:
             raise ValueError("MD sampling at temperatures needs md_calculator (the teacher, EMT, a student...).")
-        structures += md_samples(
+        snapshots = md_samples(
             seeds,
             md_calculator,
             config.temperatures,
@@ -315,6 +449,9 @@ def sample_structures(seeds: Sequence[Atoms], md_calculator: Any | None, config:
             config.snapshot_interval,
             config.seed,
         )
+        structures += snapshots
+    # Pushed from thermal frames, where MD goes (SamplingConfig asks for MD when num_contacts > 0).
+    structures += contact_copies(snapshots, config.num_contacts, config.contact_range, config.seed)
     unique = deduplicate(structures, config.dedup_tolerance)
     if len(unique) < len(structures):
         log.info("Dropped %d duplicate structures of %d.", len(structures) - len(unique), len(structures))
@@ -350,6 +487,13 @@ class SamplingConfig:
     """Å, Gaussian displacement per component of the rattled copies."""
     strain_max: float = 0.02
     """Largest component of the random symmetric strain of rattled copies (periodic seeds)."""
+    num_contacts: int = 0
+    """Copies of the MD snapshots with one pair of atoms pushed together (:func:`contact_copies`): the teacher's
+    short-range wall, for students that otherwise let atoms meet in long MD. Trained on only (never validated,
+    tested or used for the gate's bounds). Needs MD (``temperatures``, ``snapshots_per_run``)."""
+    contact_range: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    """The pushed pair's new distance, as a fraction (drawn uniformly from this range) of its element pair's
+    closest contact in the structures pushed from."""
     volume_scan: list[float] = field(default_factory=list)
     """Relative volume changes (e.g. ``[-0.06, -0.03, 0.03, 0.06]``): each periodic seed is also labelled scaled
     isotropically to each (:func:`volume_copies`), so the student sees the teacher's equation of state."""
@@ -415,7 +559,14 @@ class SamplingConfig:
                 f"SamplingConfig.system_options has unknown keys {unknown} (data.source.system_options); "
                 f"accepted: {', '.join(sorted(accepted))}."
             )
-        counts = ("num_rattle", "runs_per_temperature", "snapshots_per_run", "equilibration_steps", "hessian_rows")
+        counts = (
+            "num_rattle",
+            "num_contacts",
+            "runs_per_temperature",
+            "snapshots_per_run",
+            "equilibration_steps",
+            "hessian_rows",
+        )
         for name in counts:
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
                 raise bad(name, "it must be an integer >= 0")
@@ -442,6 +593,13 @@ class SamplingConfig:
             raise bad("temperatures", "every temperature must be a finite number > 0 (K)")
         if any(not -0.5 < v < 0.5 or v == 0 for v in self.volume_scan):
             raise bad("volume_scan", "every relative volume change must be non-zero and in (-0.5, 0.5)")
+        self.contact_range = [float(f) for f in self.contact_range]
+        if len(self.contact_range) != 2 or not 0 < self.contact_range[0] <= self.contact_range[1] <= 1:
+            raise bad("contact_range", "it must be two fractions [low, high] with 0 < low <= high <= 1")
+        if self.num_contacts and not (self.temperatures and self.snapshots_per_run):
+            raise bad(
+                "num_contacts", "contact copies are pushed from MD snapshots; give temperatures and snapshots_per_run"
+            )
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> SamplingConfig:
@@ -478,6 +636,8 @@ class SamplingConfig:
             sampling["seed_volume"] = self.seed_volume
         if self.volume_scan:  # sets without one keep their cache key
             sampling["volume_scan"] = self.volume_scan
+        if self.num_contacts:  # likewise
+            sampling["contacts"] = {"count": self.num_contacts, "range": self.contact_range}
         return canonical(
             {
                 "dataset": "distill",
@@ -528,11 +688,11 @@ class SamplingConfig:
 
     def most_structures(self) -> int:
         """The most structures the sampling can produce (before deduplication): the seeds, their volume copies,
-        the rattled copies and the MD snapshots."""
+        the rattled copies, the MD snapshots and the contact copies."""
         seeds = self.seeds()
         periodic = sum(1 for atoms in seeds if atoms.pbc.all())
         md = len(self.temperatures) * self.runs_per_temperature * self.snapshots_per_run
-        return len(seeds) + periodic * len(self.volume_scan) + self.num_rattle + md
+        return len(seeds) + periodic * len(self.volume_scan) + self.num_rattle + md + self.num_contacts
 
     def seed_teacher_calls(self) -> int:
         """Teacher calls spent placing the crystal seeds at the teacher's volume (0 with ``seed_volume=given``)."""

@@ -312,3 +312,39 @@ def test_exploration_holds_each_element_pair_to_its_round_0_bound(tmp_path, monk
     bounds = contact_bounds(read_labelled(result.round0), 0.6)
     assert list(bounds) == ["Cu-Cu"] and seen
     assert all(pairs == bounds for pairs in seen)
+
+
+def test_contact_copies_are_trained_on_but_set_no_bound_scale_or_exploration_start(tmp_path, monkeypatch):
+    """Round 0's contact copies reach the committee's training split, but the loop's force scale and bounds come
+    from the other structures, and no exploration run starts from a copy (its pushed pair would spring apart)."""
+    import numpy as np
+
+    import mlff_distiller.md.driver as driver
+    from mlff_distiller.distill.gate import contact_bounds
+    from mlff_distiller.teachers.labelling import read_labelled
+
+    starts = []
+    original = driver.run_md
+
+    def spy(model, atoms, settings, **kwargs):
+        starts.append((atoms.positions[:8].copy(), settings.pair_min_distance))
+        return original(model, atoms, settings, **kwargs)
+
+    monkeypatch.setattr(driver, "run_md", spy)
+    contacts = dataclasses.replace(sampling(tmp_path / "cache"), num_contacts=30)  # 2 of 3 round-0 structures
+    loop = ActiveLoop(loop_config(tmp_path / "state", BUDGET + 30 - 2), contacts, CountingEMT, recipe())
+    result = loop.run()
+    round0 = read_labelled(result.round0)
+    copies = [atoms for atoms in round0 if atoms.info["config_type"] == "contact"]
+    others = [atoms for atoms in round0 if atoms.info["config_type"] != "contact"]
+    assert len(copies) == 30 and all(atoms.info["train_only"] for atoms in copies)
+    assert min(contact_bounds(copies, 0.6).values()) < min(contact_bounds(others, 0.6).values())
+    forces = np.concatenate([atoms.get_forces().reshape(-1) for atoms in others])
+    assert result.force_scale == pytest.approx(float(forces.std()), rel=1e-12)
+    assert starts and all(bounds == contact_bounds(others, 0.6) for _, bounds in starts)
+    for positions, _ in starts:  # each run starts from a structure other than a copy (its first 8 atoms)
+        assert not any(np.allclose(positions, atoms.positions, atol=1e-6) for atoms in copies)
+        assert any(np.allclose(positions, atoms.positions, atol=1e-6) for atoms in others)
+    # the copies are in the final set (never held out: the split trains on them)
+    final = ase.io.read(result.dataset, ":")
+    assert sum(bool(atoms.info.get("train_only")) for atoms in final) == 30

@@ -20,6 +20,7 @@ from mlff_distiller.distill.gate import (
     gate_cell,
     largest_energy_jump,
     run_trajectories,
+    sampled_bounds,
     stability_gate,
     verdict,
 )
@@ -270,6 +271,20 @@ def test_the_gate_holds_each_pair_to_its_bound_from_the_labelled_data():
     # An Au-Au bound no fcc neighbour can meet: the gate fails on it, naming the pair.
     metrics, reasons = stability_gate(EMT(), atoms, [300.0], GateConfig(**SHORT), 1.0, pair_bounds={"Au-Au": 3.0})
     assert metrics["passed"] == 0.0 and "closer than the Au-Au bound of 3.000 Å" in reasons[0]
+
+
+def test_contact_copies_do_not_loosen_the_bounds_of_the_sampled_set():
+    """The sampler's contact copies push pairs inside the bounds on purpose: the bounds come from the rest."""
+    from mlff_distiller.teachers.sampling import contact_copies
+
+    sampled = [alloy()]
+    pushed = contact_copies(sampled, 6, (0.3, 0.4), seed=0)
+    bound, pairs = sampled_bounds(sampled + pushed, 0.6)
+    assert (bound, pairs) == sampled_bounds(sampled, 0.6)
+    assert pairs == contact_bounds(sampled, 0.6) and bound == pytest.approx(min(pairs.values()))
+    assert min(contact_bounds(pushed, 0.6).values()) < 0.5 * min(pairs.values())  # they would have loosened them
+    with pytest.raises(ValueError, match="every structure is train_only"):
+        sampled_bounds(pushed, 0.6)
 
 
 def test_verdict_fails_on_bounds_missing_and_non_finite_metrics():

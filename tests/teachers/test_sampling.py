@@ -16,12 +16,14 @@ from mlff_distiller.teachers.hessian import stored_hessian_rows
 from mlff_distiller.teachers.sampling import (
     SamplingConfig,
     build_distillation_dataset,
+    contact_copies,
     deduplicate,
     rattle_and_strain,
     sample_structures,
     seed_structures,
     volume_copies,
 )
+from mlff_distiller.teachers.structures import fresh_copy
 
 SMALL = {
     "system_options": {"min_atoms": 8},
@@ -243,3 +245,102 @@ def test_crystal_seeds_sit_at_the_teachers_equilibrium_volume(tmp_path, counting
     water = SamplingConfig(system="water", cache_dir=str(tmp_path), progress=False)
     assert water.seed_teacher_calls() == 0
     assert all(np.allclose(a.cell.array, b.cell.array) for a, b in zip(water.teacher_seeds(None), water.seeds()))
+
+
+def _displacements(atoms, base):
+    """Each atom's displacement from ``base`` (fresh_copy wraps positions into the cell: modulo the cell)."""
+    step = atoms.positions - base.positions
+    return step - np.round(step @ np.linalg.inv(base.cell.array)) @ base.cell.array
+
+
+def test_contact_copies_push_a_pair_together_moving_whole_molecules():
+    """Water: the pushed pair ends at its recorded distance, within the range x its element pair's closest contact
+    in the bases; two molecules move whole by equal and opposite steps along the pair's line (a bond pushed
+    within one molecule moves its two atoms alone); no other pair comes closer than the range's low end allows;
+    every element pair comes up; seeded."""
+    from mlff_distiller.md.stability import closest_contacts, pair_name
+
+    seeds = seed_structures("water", min_atoms=36, num_seeds=2)
+    bases = [
+        fresh_copy(atoms, provenance=f"base:{k}")
+        for k, atoms in enumerate(rattle_and_strain(seeds, 4, rattle_std=0.05))
+    ]
+    contacts = closest_contacts(bases)
+    assert set(contacts) == {"H-H", "H-O", "O-O"}
+    copies = contact_copies(bases, 40, (0.7, 0.9), seed=3)
+    seen, kinds = set(), set()
+    for atoms in copies:
+        fields = dict(part.split("=") for part in atoms.info["provenance"].split(":")[1:])
+        base = bases[int(fields["base"])]
+        i, j = int(fields["i"]), int(fields["j"])
+        assert atoms.info["derived_from"] == base.info["provenance"]
+        molecule = np.arange(len(base)) // 3  # the built-in box lists each molecule as O, H, H
+        step = _displacements(atoms, base)
+        moved = set(np.flatnonzero(np.linalg.norm(step, axis=1) > 1e-9))
+        if molecule[i] == molecule[j]:
+            assert moved == {i, j}
+            kinds.add("bond")
+        else:
+            assert moved == set(np.flatnonzero((molecule == molecule[i]) | (molecule == molecule[j])))
+            kinds.add("molecules")
+        for atom in moved:  # each side rigidly, the two sides opposite
+            expected = (
+                step[i] if atom == i or (molecule[atom] == molecule[i] and molecule[i] != molecule[j]) else -step[i]
+            )
+            np.testing.assert_allclose(step[atom], expected, atol=1e-9)
+        before = base.get_distance(i, j, mic=True, vector=True)
+        assert abs(np.dot(step[i], before)) == pytest.approx(np.linalg.norm(step[i]) * np.linalg.norm(before))
+        after = atoms.get_distance(i, j, mic=True)
+        name = pair_name((int(atoms.numbers[i]), int(atoms.numbers[j])))
+        assert fields["pair"] == name and after == pytest.approx(float(fields["to"]), abs=1e-3)
+        assert after < np.linalg.norm(before)
+        assert 0.7 * contacts[name] - 1e-9 <= after <= 0.9 * contacts[name] + 1e-9
+        for pair, distance in closest_contacts([atoms]).items():
+            assert distance >= 0.7 * contacts[pair] - 1e-9
+        assert atoms.info["config_type"] == "contact" and atoms.info["train_only"] is True
+        seen.add(name)
+    assert seen == {"H-H", "H-O", "O-O"} and kinds == {"bond", "molecules"}
+    again = contact_copies(bases, 40, (0.7, 0.9), seed=3)
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(copies, again))
+    other = contact_copies(bases, 40, (0.7, 0.9), seed=4)
+    assert not all(np.array_equal(a.positions, b.positions) for a, b in zip(copies, other))
+
+
+def test_contact_copies_of_a_metal_move_the_two_atoms_alone():
+    (alloy,) = seed_structures("CuAu", num_seeds=1, min_atoms=32)
+    base = rattle_and_strain([alloy], 1, rattle_std=0.05)[0]
+    for atoms in contact_copies([base], 6, (0.75, 0.8), seed=0):
+        fields = dict(part.split("=") for part in atoms.info["provenance"].split(":")[1:])
+        step = _displacements(atoms, base)
+        moved = np.flatnonzero(np.linalg.norm(step, axis=1) > 1e-9)
+        assert sorted(moved) == sorted([int(fields["i"]), int(fields["j"])])
+
+
+def test_contact_copies_in_round_0_count_key_the_cache_and_are_checked():
+    seeds = seed_structures("CuAu", num_seeds=2, min_atoms=8)
+    config = SamplingConfig(
+        num_rattle=5, temperatures=[600], snapshots_per_run=3, equilibration_steps=5, snapshot_interval=5
+    )
+    structures = sample_structures(seeds, EMT(), config.replace(num_contacts=4))
+    contacts = [atoms for atoms in structures if atoms.info["config_type"] == "contact"]
+    md = [atoms for atoms in structures if atoms.info["config_type"] == "md_600K"]
+    assert len(contacts) == 4 and len(structures) == len(sample_structures(seeds, EMT(), config)) + 4
+    # pushed from the MD snapshots
+    assert {int(a.info["provenance"].split(":")[1].split("=")[1]) for a in contacts} <= set(range(len(md)))
+    sized = SamplingConfig(system="Cu", system_options={"min_atoms": 8}, num_rattle=5, temperatures=[600])
+    assert sized.replace(num_contacts=7).most_structures() == sized.most_structures() + 7
+    key = sized.cache_config()
+    assert sized.replace(num_contacts=0, contact_range=[0.5, 0.6]).cache_config() == key  # none: the same set
+    assert sized.replace(num_contacts=3).cache_config() != key
+    assert (
+        sized.replace(num_contacts=3).cache_config()
+        != sized.replace(num_contacts=3, contact_range=[0.8, 1]).cache_config()
+    )
+    with pytest.raises(
+        ValueError, match=r"contact_range=\[0.9, 0.8\] \(data.source.contact_range\).*0 < low <= high <= 1"
+    ):
+        sized.replace(contact_range=[0.9, 0.8])
+    with pytest.raises(ValueError, match=r"num_contacts=-2 \(data.source.num_contacts\)"):
+        sized.replace(num_contacts=-2)
+    with pytest.raises(ValueError, match=r"num_contacts=3 \(data.source.num_contacts\).*pushed from MD snapshots"):
+        sized.replace(temperatures=[], num_contacts=3)  # no MD to push from
