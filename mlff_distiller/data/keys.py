@@ -4,6 +4,8 @@ Atomistic batches concatenate the atoms of several structures (no padding); ``BA
 structure each atom belongs to. Units: Å, eV, eV/Å.
 """
 
+from typing import Any
+
 POSITIONS = "positions"
 """Cartesian coordinates, Å; (atoms, 3) in atomistic batches, (structures, atoms, 3) for toy clusters."""
 ATOMIC_NUMBERS = "atomic_numbers"
@@ -91,3 +93,8 @@ far outside what those measure); it is trained on unless ``DERIVED_FROM`` a held
 DERIVED_FROM = "derived_from"
 """An ``atoms.info`` entry: the ``provenance`` of the structure this one was made from. A ``TRAIN_ONLY`` structure
 derived from one that a drawn split holds out is not trained on (it is a near-twin of a validation or test one)."""
+
+
+def is_train_only(atoms: Any) -> bool:
+    """Whether a structure (anything with an ``info`` dict, e.g. ``ase.Atoms``) carries the ``TRAIN_ONLY`` flag."""
+    return bool(atoms.info.get(TRAIN_ONLY, False))

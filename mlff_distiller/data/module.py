@@ -96,7 +96,7 @@ class AtomsDataModule:
             if file not in files:
                 files[file] = read_labelled_structures(file, energy_key, forces_key, stress_key=stress_key)
         structures = files[self.path]
-        drawable = sum(1 for atoms in structures if not atoms.info.get(keys.TRAIN_ONLY, False))
+        drawable = sum(1 for atoms in structures if not keys.is_train_only(atoms))
         available = drawable - drawn["val"] - drawn["test"]
         if available < 1:
             raise DataError(
@@ -136,7 +136,7 @@ class AtomsDataModule:
         typical = [
             graph
             for graph, atoms in zip(self.datasets["train"].graphs, self._structures["train"])
-            if not atoms.info.get(keys.TRAIN_ONLY, False)
+            if not keys.is_train_only(atoms)
         ]
         self.statistics: DatasetStatistics = compute_statistics(typical)
         self.batch_size = batch_size
@@ -231,7 +231,7 @@ def _split(
     groups: dict[Any, list[int]] = {}
     train_only: list[int] = []
     for index, atoms in enumerate(structures):
-        if atoms.info.get(keys.TRAIN_ONLY, False):
+        if keys.is_train_only(atoms):
             train_only.append(index)
             continue
         key = atoms.info.get(group_key) if group_key is not None else None

@@ -139,10 +139,10 @@ def sampled_bounds(structures: Sequence[Atoms], fraction: float) -> tuple[float,
     """The closest-approach bounds set by a sampled set: ``fraction`` x its smallest interatomic distance, and
     :func:`contact_bounds` per element pair. Structures flagged ``train_only`` (the sampler's contact copies,
     whose pairs are pushed inside these bounds on purpose) do not count: they would loosen the bounds."""
-    from ..data.keys import TRAIN_ONLY
+    from ..data.keys import is_train_only
     from ..teachers.structures import min_distance
 
-    measured = [atoms for atoms in structures if not atoms.info.get(TRAIN_ONLY, False)]
+    measured = [atoms for atoms in structures if not is_train_only(atoms)]
     if not measured:
         raise ValueError("sampled_bounds: every structure is train_only; nothing sets the closest-approach bounds.")
     return fraction * min(min_distance(atoms) for atoms in measured), contact_bounds(measured, fraction)

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data.keys import TRAIN_ONLY
+from ..data.keys import is_train_only
 from ..teachers.cache import announce, cache_key, canonical, default_cache_dir, exclusive_lock, write_text_atomic
 from ..teachers.cache import write_structures_atomic as write_structures
 from ..teachers.structures import default_timestep_fs, fresh_copy, random_strain, supercell
@@ -422,7 +422,7 @@ class ActiveLoop:
             raise ValueError(f"Round 0 cost {calls0} teacher calls, more than distill.teacher_budget={budget}.")
         # The force scale and the bounds come from what MD and the copies of the seeds measure: the contact
         # copies (train_only) hold forces of tens of eV/Å and pairs pushed inside the bounds on purpose.
-        measured = [atoms for atoms in round0_structures if not atoms.info.get(TRAIN_ONLY, False)]
+        measured = [atoms for atoms in round0_structures if not is_train_only(atoms)]
         forces = np.concatenate([atoms.get_forces().reshape(-1) for atoms in measured])
         self.force_scale = float(forces.std())
         # Per element pair too: in water the O-H bond sets the overall bound (0.49 Å), and a run whose oxygens
@@ -730,7 +730,7 @@ class ActiveLoop:
         rng = np.random.default_rng([self.config.seed, r, 7])
         driver = StudentPotential(members[0])
         # Not from a contact copy (train_only): its pushed pair would spring apart into a hot, off-target run.
-        starts = [atoms for atoms in training if not atoms.info.get(TRAIN_ONLY, False)]
+        starts = [atoms for atoms in training if not is_train_only(atoms)]
         frames: list[Atoms] = []
         for run in range(runs):
             variant, temperature = plan[run % len(plan)]
