@@ -9,6 +9,8 @@ MAE against teacher calls, one curve per variant: the loop's rounds, then the fi
     python benchmarks/distill_comparison.py --teacher chgnet --system cuau --budget 400
     python benchmarks/distill_comparison.py --teacher sevenn --system water --budget 400 --variants oneshot active
     python benchmarks/distill_comparison.py --dry-run        # print the commands only
+    python benchmarks/distill_comparison.py --teacher sevenn --merge a/comparison.json b/comparison.json --out both
+                                                             # one table and plot from earlier invocations
 
 Variants:
   oneshot          random sampling: round 0 only, its rattled copies raised to spend the whole budget
@@ -91,9 +93,23 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("distill_comparison"))
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print one table and draw one plot from these comparison.json files (e.g. a variant rerun "
+        "with its own overrides), rows in the order given; --teacher, --system and --budget name them",
+    )
     parser.add_argument("overrides", nargs="*", help="extra mlff-train overrides for every variant")
     args = parser.parse_args()
 
+    if args.merge:
+        if (args.out / "comparison.json").exists():
+            parser.error(f"--merge would overwrite {args.out / 'comparison.json'}; give a new --out directory.")
+        rows = [row for path in args.merge for row in json.loads(path.read_text())]
+        finish(rows, args)
+        return
     experiment = f"distill_{args.teacher}" + ("_water" if args.system == "water" else "")
     binary = Path(sys.executable).parent / "mlff-train"
     rows = []
@@ -138,8 +154,12 @@ def main() -> None:
             }
         )
         rows.append(row)
-    if args.dry_run:
-        return
+    if not args.dry_run:
+        finish(rows, args)
+
+
+def finish(rows: list[dict], args: argparse.Namespace) -> None:
+    """Write ``comparison.json``, print the table and draw ``comparison.png`` into ``args.out``."""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     print_table(rows, args)
