@@ -4,7 +4,7 @@ differences / autograd), each at the same teacher-call budget, for one teacher a
 Each variant is one ``mlff-train experiment=distill_<teacher>[_water]`` run with ``distill.teacher_budget`` set
 to the same value; the script prints the table (teacher calls, fresh-frame and sampled-split force errors,
 stability gate, verdict, wall time) and writes ``comparison.json`` and ``comparison.png`` (fresh-frame force
-MAE against teacher calls, one curve per variant: the loop's rounds, then the final student).
+MAE against teacher calls, per variant: the loop's committee after each round, and the final student).
 
     python benchmarks/distill_comparison.py --teacher chgnet --system cuau --budget 400
     python benchmarks/distill_comparison.py --teacher sevenn --system water --budget 400 --variants oneshot active
@@ -197,19 +197,47 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     except ImportError:
         print("matplotlib is missing: no plot")
         return
+    from matplotlib.ticker import ScalarFormatter
+
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for row in rows:
         curve = row.get("learning_curve") or []
-        if curve:
-            axis.plot([p[0] for p in curve], [100 * p[1] for p in curve], marker="o", label=row["variant"])
+        # The rounds' points are the loop's committee (a cheaper student), the "final" one the final student: a
+        # line joining them would read as one model learning.
+        rounds = [p for p in curve if len(p) < 3 or p[2] != "final"]
+        final = [p for p in curve if len(p) > 2 and p[2] == "final"]
+        colour = None
+        if rounds:
+            (line,) = axis.plot(
+                [p[0] for p in rounds],
+                [100 * p[1] for p in rounds],
+                marker="o",
+                markersize=4,
+                linestyle="--",
+                linewidth=1,
+                label=f"{row['variant']}: committee per round",
+            )
+            colour = line.get_color()
+        if final:
+            axis.plot(
+                [p[0] for p in final],
+                [100 * p[1] for p in final],
+                marker="*",
+                markersize=13,
+                linestyle="none",
+                color=colour,
+                label=f"{row['variant']}: final student",
+            )
     axis.axhline(2.0, color="0.6", linestyle="--", linewidth=1, label="target 2 %")
     axis.set_xlabel("teacher calls for training labels")
     axis.set_ylabel("fresh-frame force MAE (% of teacher force std)")
     axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
     axis.set_title(title, fontsize=10)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     print(f"plot: {path}")
 
 
