@@ -9,6 +9,8 @@ MAE against teacher calls, per variant: the loop's committee after each round, a
     python benchmarks/distill_comparison.py --teacher chgnet --system cuau --budget 400
     python benchmarks/distill_comparison.py --teacher sevenn --system water --budget 400 --variants oneshot active
     python benchmarks/distill_comparison.py --dry-run        # print the commands only
+    python benchmarks/distill_comparison.py --variants active+hessian -- data.num_val=8 data.num_test=8
+                                                             # overrides for every variant: after --variants, a --
     python benchmarks/distill_comparison.py --teacher sevenn --merge a/comparison.json b/comparison.json --out both
                                                              # one table and plot from earlier invocations
 
