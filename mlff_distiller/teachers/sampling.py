@@ -325,15 +325,14 @@ def contact_copies(
 
 
 def _respects_contacts(atoms: Atoms, contacts: Mapping[str, float], fraction: float) -> bool:
-    """Whether every pair of ``atoms`` is at least ``fraction`` x its element pair's entry of ``contacts``."""
-    from ..md.stability import pair_name
+    """Whether each element pair's closest approach in ``atoms`` is at least ``fraction`` x its entry of
+    ``contacts`` (which :func:`~mlff_distiller.md.stability.closest_contacts` measured the same way)."""
+    from ..md.stability import closest_pairs, pair_name
 
-    distances = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
-    i, j = np.triu_indices(len(atoms), k=1)
-    numbers = atoms.numbers
-    names = [pair_name((int(a), int(b))) for a, b in zip(numbers[i], numbers[j])]
-    limits = np.array([fraction * contacts.get(name, 0.0) for name in names])
-    return bool(np.all(distances[i, j] >= limits * (1 - 1e-9)))
+    return all(
+        distance >= fraction * contacts.get(pair_name(pair), 0.0) * (1 - 1e-9)
+        for pair, (distance, _, _) in closest_pairs(atoms).items()
+    )
 
 
 def md_samples(
