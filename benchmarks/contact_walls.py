@@ -22,14 +22,15 @@ import numpy as np
 
 def scan(calculator, atoms, i: int, j: int, fractions: list[float]) -> list[tuple[float, float, float]]:
     """(distance, energy above the first fraction's, push-apart force) at each fraction of the i-j distance."""
-    from mlff_distiller.teachers.sampling import push_pair
+    from mlff_distiller.teachers.sampling import bonded_fragments, push_pair
 
     before = atoms.get_distance(i, j, mic=True, vector=True)
     distance = float(np.linalg.norm(before))
     unit = before / distance
+    fragments = bonded_fragments(atoms)  # of the unpushed structure, as contact_copies takes them
     rows = []
     for fraction in fractions:
-        pushed = push_pair(atoms, i, j, fraction * distance)
+        pushed = push_pair(atoms, i, j, fraction * distance, fragments, before)
         pushed.calc = calculator
         energy = float(pushed.get_potential_energy())
         forces = pushed.get_forces()
